@@ -1,0 +1,164 @@
+"""Load, validate and query a model catalog file."""
+
+from __future__ import annotations
+
+import tomllib
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pydantic import ValidationError
+
+from kiln.catalog.schema import ModelSpec
+from kiln.errors import CatalogError, UnknownModel, UnsupportedFormat, UnsupportedTask
+
+DEFAULT_CATALOG = Path(__file__).with_name("default.toml")
+
+# The API's vocabulary; a catalog may allow a subset per model, never a name outside it.
+KNOWN_SAMPLERS = ("euler", "euler_a", "dpmpp_2m", "heun")
+KNOWN_SCHEDULERS = ("simple", "normal", "sgm")
+
+
+@dataclass(frozen=True)
+class Catalog:
+    """Every model Kiln can serve, its aliases and the output-format table."""
+
+    models: dict[str, ModelSpec]
+    aliases: dict[str, str]
+    formats: dict[str, dict[str, tuple[int, int]]]
+    path: Path | None = None
+    default_model: str = ""
+
+    # --- queries -----------------------------------------------------------------------------
+
+    def resolve(self, family: str, model: str) -> ModelSpec:
+        """The model named ``family/model``, following an alias; :class:`UnknownModel` otherwise."""
+        spec = self.models.get(f"{family}/{model}")
+        if spec is not None:
+            return spec
+        target = self.aliases.get(model)
+        if target is not None and target.split("/", 1)[0] == family:
+            return self.models[target]
+        known = sorted(k.split("/", 1)[1] for k in self.models if k.startswith(f"{family}/"))
+        if not known:
+            families = sorted({s.family for s in self.models.values()})
+            raise UnknownModel(
+                f"unknown model family {family!r}; families: {', '.join(families)}",
+                details={"families": families},
+            )
+        aliases = sorted(a for a, t in self.aliases.items() if t.startswith(f"{family}/") and a not in known)
+        names = ", ".join(known + [f"{a} (alias)" for a in aliases])
+        raise UnknownModel(
+            f"unknown model {family}/{model}; {family} has: {names}", details={"models": known, "aliases": aliases}
+        )
+
+    def resolve_key(self, key: str) -> ModelSpec:
+        """Resolve ``family/model`` (or ``family/alias``) written as one string."""
+        family, sep, model = key.partition("/")
+        if not sep or not model:
+            raise UnknownModel(f"a model is named FAMILY/MODEL (for example flux/schnell), got {key!r}")
+        return self.resolve(family, model)
+
+    def size_of(self, spec: ModelSpec, fmt: str) -> tuple[int, int]:
+        """(width, height) of ``fmt`` for this model; :class:`UnsupportedFormat` if it has no such format."""
+        if fmt not in spec.formats:
+            raise UnsupportedFormat(
+                f"format {fmt!r} is not supported by {spec.key}; use one of: {', '.join(spec.formats)}",
+                details={"formats": list(spec.formats)},
+            )
+        return self.formats[spec.modality][fmt]
+
+    def check_task(self, spec: ModelSpec, task: str) -> None:
+        if task not in spec.pipelines:
+            raise UnsupportedTask(
+                f"{spec.key} does not do {task!r}; it does: {', '.join(spec.tasks)}", details={"tasks": spec.tasks}
+            )
+
+    def __iter__(self):
+        return iter(self.models.values())
+
+
+def load_catalog(path: str | Path | None = None) -> Catalog:
+    """Read and validate a catalog TOML file (the packaged default when ``path`` is None).
+
+    Raises :class:`CatalogError` naming the file, the entry and the bad value.
+    """
+    path = Path(path).expanduser().resolve() if path else DEFAULT_CATALOG
+    try:
+        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError as exc:
+        raise CatalogError(f"catalog file not found: {path}") from exc
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
+        raise CatalogError(f"cannot read catalog {path}: {exc}") from exc
+    return parse_catalog(raw, base_dir=path.parent, path=path)
+
+
+def parse_catalog(raw: dict[str, Any], *, base_dir: Path, path: Path | None = None) -> Catalog:
+    where = str(path) if path else "catalog"
+    unknown = set(raw) - {"aliases", "formats", "models", "default_model"}
+    if unknown:
+        raise CatalogError(f"{where}: unknown top-level keys {sorted(unknown)}")
+    formats = _parse_formats(raw.get("formats", {}), where)
+    models: dict[str, ModelSpec] = {}
+    for i, entry in enumerate(raw.get("models", [])):
+        label = f"{where}: models[{i}] ({entry.get('family', '?')}/{entry.get('model', '?')})"
+        try:
+            spec = ModelSpec.model_validate({**entry, "base_dir": base_dir})
+        except ValidationError as exc:
+            raise CatalogError(f"{label}: {_first_error(exc)}") from exc
+        if spec.key in models:
+            raise CatalogError(f"{label}: {spec.key} is listed twice")
+        _check_vocabulary(spec, formats, label)
+        models[spec.key] = spec
+    if not models:
+        raise CatalogError(f"{where}: no [[models]] entries")
+    aliases = dict(raw.get("aliases", {}))
+    for alias, target in aliases.items():
+        if target not in models:
+            raise CatalogError(f"{where}: alias {alias!r} points at {target!r}, which is not a model in the catalog")
+        family = target.split("/", 1)[0]
+        if f"{family}/{alias}" in models and f"{family}/{alias}" != target:
+            raise CatalogError(f"{where}: alias {alias!r} shadows the model {family}/{alias}")
+    default = raw.get("default_model")
+    if default is None:
+        default = next(iter(models))
+    elif default not in models:
+        raise CatalogError(f"{where}: default_model {default!r} is not a model in the catalog")
+    return Catalog(models=models, aliases=aliases, formats=formats, path=path, default_model=default)
+
+
+def _parse_formats(raw: dict[str, Any], where: str) -> dict[str, dict[str, tuple[int, int]]]:
+    out: dict[str, dict[str, tuple[int, int]]] = {"image": {}, "video": {}}
+    for modality, table in raw.items():
+        if modality not in out:
+            raise CatalogError(f"{where}: [formats.{modality}] is not image or video")
+        for name, size in table.items():
+            if not (isinstance(size, list) and len(size) == 2 and all(isinstance(v, int) and 16 <= v <= 8192 for v in size)):
+                raise CatalogError(f"{where}: format {name!r} must be [width, height] in 16..8192, got {size!r}")
+            if size[0] % 16 or size[1] % 16:
+                raise CatalogError(f"{where}: format {name!r} {size[0]}x{size[1]} must be a multiple of 16 on each side")
+            out[modality][name] = (size[0], size[1])
+    return out
+
+
+def _check_vocabulary(spec: ModelSpec, formats: dict[str, dict[str, tuple[int, int]]], label: str) -> None:
+    missing = [f for f in spec.formats if f not in formats[spec.modality]]
+    if missing:
+        raise CatalogError(f"{label}: formats {missing} are not in [formats.{spec.modality}]")
+    _known(spec.samplers, KNOWN_SAMPLERS, "sampler", label)
+    _known(spec.schedulers, KNOWN_SCHEDULERS, "scheduler", label)
+    if bool(spec.samplers) != bool(spec.schedulers):
+        raise CatalogError(f"{label}: samplers and schedulers are both listed or both empty")
+
+
+def _known(values: Iterable[str], known: tuple[str, ...], what: str, label: str) -> None:
+    bad = [v for v in values if v not in known]
+    if bad:
+        raise CatalogError(f"{label}: unknown {what} {bad}; known: {', '.join(known)}")
+
+
+def _first_error(exc: ValidationError) -> str:
+    err = exc.errors()[0]
+    loc = ".".join(str(p) for p in err["loc"]) or "entry"
+    return f"{loc}: {err['msg']} (got {err.get('input')!r})"

@@ -1,0 +1,157 @@
+"""Typed records for the model catalog (see ``default.toml`` for the file format).
+
+The records are validated once when the catalog is loaded; everything downstream (request
+validation, the engine, ``/models``) reads ranges and rules from them and from nowhere else.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+Modality = Literal["image", "video"]
+Task = Literal["t2i", "i2i", "edit", "t2v", "i2v"]
+Status = Literal["active", "beta", "coming_soon", "deprecated"]
+
+TASK_MODALITY: dict[str, str] = {"t2i": "image", "i2i": "image", "edit": "image", "t2v": "video", "i2v": "video"}
+TASKS_NEEDING_IMAGE = frozenset({"i2i", "edit", "i2v"})
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Range(_Strict):
+    default: float
+    min: float
+    max: float
+
+    @model_validator(mode="after")
+    def _ordered(self) -> Range:
+        if not self.min <= self.default <= self.max:
+            raise ValueError(f"needs min <= default <= max, got {self.min} <= {self.default} <= {self.max}")
+        return self
+
+
+class StepRange(_Strict):
+    default: int = Field(ge=1)
+    min: int = Field(ge=1)
+    max: int = Field(ge=1)
+
+    @model_validator(mode="after")
+    def _ordered(self) -> StepRange:
+        if not self.min <= self.default <= self.max:
+            raise ValueError(f"needs min <= default <= max, got {self.min} <= {self.default} <= {self.max}")
+        return self
+
+    @property
+    def fixed(self) -> bool:
+        return self.min == self.max
+
+
+class Guidance(_Strict):
+    """Exactly one of: a range with a default, a fixed value, or a value used whatever is asked."""
+
+    default: float | None = None
+    min: float | None = None
+    max: float | None = None
+    fixed: float | None = None
+    ignored: float | None = None
+
+    @model_validator(mode="after")
+    def _one_mode(self) -> Guidance:
+        ranged = (self.default, self.min, self.max)
+        modes = [all(v is not None for v in ranged), self.fixed is not None, self.ignored is not None]
+        if sum(modes) != 1 or (modes[0] is False and any(v is not None for v in ranged)):
+            raise ValueError("guidance is {default, min, max} or {fixed = X} or {ignored = X}")
+        if modes[0] and not self.min <= self.default <= self.max:  # type: ignore[operator]
+            raise ValueError(f"needs min <= default <= max, got {self.min} <= {self.default} <= {self.max}")
+        return self
+
+    @property
+    def mode(self) -> Literal["range", "fixed", "ignored"]:
+        if self.fixed is not None:
+            return "fixed"
+        if self.ignored is not None:
+            return "ignored"
+        return "range"
+
+    @property
+    def value(self) -> float:
+        """What the pipeline gets when the request names no guidance."""
+        if self.fixed is not None:
+            return self.fixed
+        if self.ignored is not None:
+            return self.ignored
+        return self.default  # type: ignore[return-value]
+
+
+class VideoSpec(_Strict):
+    fps: int = Field(ge=1, le=120)
+    frame_multiple: int = Field(ge=1, description="frame counts are frame_multiple * k + 1")
+    duration: Range
+
+
+class ModelSpec(_Strict):
+    family: str = Field(pattern=r"^[a-z0-9][a-z0-9_-]*$")
+    model: str = Field(pattern=r"^[a-z0-9][a-z0-9_.-]*$")
+    modality: Modality
+    pipelines: dict[Task, str] = Field(min_length=1)
+    formats: list[str] = Field(min_length=1)
+    source: str = Field(min_length=1)
+    revision: str | None = None
+    dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"
+    steps: StepRange
+    guidance: Guidance
+    samplers: list[str] = []
+    schedulers: list[str] = []
+    lora: bool = False
+    negative_prompt: bool = False
+    video: VideoSpec | None = None
+    status: Status = "active"
+    random_weights: bool = False
+    toy: str | None = Field(default=None, description="toy checkpoint kiln.testing.toys builds at `source`")
+    info: dict[str, Any] = {}
+    # Set by the loader: the catalog file's directory, against which a relative source resolves.
+    base_dir: Path | None = None
+
+    @model_validator(mode="after")
+    def _consistent(self) -> ModelSpec:
+        for task in self.pipelines:
+            if TASK_MODALITY[task] != self.modality:
+                raise ValueError(f"task {task!r} produces {TASK_MODALITY[task]}, but the model's modality is {self.modality}")
+        if self.toy is not None and not self.source.startswith(("/", "./", "../", "~")):
+            raise ValueError("a toy model's source must be a local path (where it is built)")
+        if (self.modality == "video") != (self.video is not None):
+            raise ValueError("a video model needs a [video] table, and only a video model may have one")
+        return self
+
+    @property
+    def key(self) -> str:
+        return f"{self.family}/{self.model}"
+
+    @property
+    def tasks(self) -> list[str]:
+        return list(self.pipelines)
+
+    @property
+    def local_path(self) -> Path | None:
+        """The checkpoint directory when ``source`` is a path, else None (``source`` is a hub repo id).
+
+        A path starts with ``/``, ``./``, ``../`` or ``~``; a relative one resolves against the
+        directory of the catalog file. Hub ids (``org/name``) never start that way.
+        """
+        if not self.source.startswith(("/", "./", "../", "~")):
+            return None
+        src = Path(self.source).expanduser()
+        return src if src.is_absolute() else (self.base_dir or Path.cwd()) / src
+
+    @property
+    def default_sampler(self) -> str | None:
+        return self.samplers[0] if self.samplers else None
+
+    @property
+    def default_scheduler(self) -> str | None:
+        return self.schedulers[0] if self.schedulers else None

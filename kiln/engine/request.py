@@ -1,0 +1,66 @@
+"""The canonical generation request: what every API dialect and the CLI translate into.
+
+It is a frozen pydantic model: the engine never mutates it, and a request is safe to share between
+threads, to queue and to log. Field bounds that hold for every model are declared here; the
+per-model rules (steps, guidance, formats, samplers) come from the catalog and are checked by
+:func:`kiln.engine.plan.plan_request` before any model work.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from kiln.errors import InvalidParameters
+
+Task = Literal["t2i", "i2i", "edit", "t2v", "i2v"]
+
+MAX_SEED = 2**32 - 1
+MAX_PROMPT_CHARS = 5000
+MIN_PROMPT_CHARS = 3
+MAX_OUTPUTS = 4
+
+
+class GenerationRequest(BaseModel):
+    """One generation, independent of transport. ``None`` means "the model's default"."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    family: str = Field(min_length=1, max_length=64)
+    model: str = Field(min_length=1, max_length=64, description="model name or alias within the family")
+    task: Task
+    format: str = Field(min_length=1, max_length=32, description="a name from the catalog's format table")
+    prompt: str = Field(default="", max_length=MAX_PROMPT_CHARS)
+    negative_prompt: str | None = Field(default=None, max_length=MAX_PROMPT_CHARS)
+    steps: int | None = Field(default=None, ge=1, le=1000)
+    guidance: float | None = Field(default=None, ge=0.0, le=100.0)
+    seed: int | None = Field(default=None, ge=0, le=MAX_SEED)
+    sampler: str | None = None
+    scheduler: str | None = None
+    strength: float | None = Field(default=None, gt=0.0, le=1.0, description="i2i/edit: how much to change")
+    image: bytes | None = Field(default=None, repr=False, description="encoded input image (PNG, JPEG, WebP)")
+    mask: bytes | None = Field(default=None, repr=False, description="edit: white = regenerate, black = keep")
+    num_outputs: int = Field(default=1, ge=1, le=MAX_OUTPUTS)
+    duration: float | None = Field(default=None, gt=0.0, le=60.0, description="video length in seconds")
+
+    @classmethod
+    def create(cls, **fields: object) -> GenerationRequest:
+        """Build a request, turning validation failures into :class:`InvalidParameters`."""
+        try:
+            return cls(**fields)
+        except ValidationError as exc:
+            raise InvalidParameters(describe_validation_error(exc), details={"errors": _clean(exc)}) from exc
+
+
+def describe_validation_error(exc: ValidationError) -> str:
+    """One readable sentence per problem: ``seed: Input should be less than or equal to 4294967295``."""
+    parts = []
+    for err in exc.errors():
+        where = ".".join(str(p) for p in err["loc"]) or "request"
+        parts.append(f"{where}: {err['msg']}")
+    return "; ".join(parts)
+
+
+def _clean(exc: ValidationError) -> list[dict[str, object]]:
+    return [{"field": ".".join(str(p) for p in e["loc"]), "message": e["msg"]} for e in exc.errors()]

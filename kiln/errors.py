@@ -1,0 +1,113 @@
+"""Kiln's one error vocabulary.
+
+Every layer raises these; each API dialect maps them to its own status codes and schema in one
+place. A ``code`` is a stable machine-readable string, ``message`` is written for the person who
+sent the request and says what to change, ``details`` carries structured hints (allowed values,
+ranges) for clients.
+
+Three branches, because a caller reacts to each differently:
+
+- :class:`UserError` — the request itself is wrong; retrying it unchanged cannot succeed (HTTP 4xx).
+- :class:`UnavailableError` — the request is fine but the server cannot serve it now or until an
+  operator acts (a model not installed, capacity exhausted).
+- :class:`GenerationError` — the work started and did not finish (failed, cancelled, engine died).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class KilnError(Exception):
+    """Base of every error Kiln raises on purpose."""
+
+    code = "internal_error"
+
+    def __init__(self, message: str, *, details: dict[str, Any] | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.details = details or {}
+
+    def to_dict(self) -> dict[str, Any]:
+        body: dict[str, Any] = {"error": self.code, "message": self.message}
+        if self.details:
+            body["details"] = self.details
+        return body
+
+
+# --- the request is wrong -------------------------------------------------------------------------
+
+
+class UserError(KilnError):
+    """The request cannot be served as sent; the message says what to change."""
+
+    code = "invalid_parameters"
+
+
+class InvalidParameters(UserError):
+    code = "invalid_parameters"
+
+
+class InvalidPrompt(UserError):
+    code = "invalid_prompt"
+
+
+class UnsupportedFormat(UserError):
+    code = "unsupported_format"
+
+
+class UnknownModel(UserError):
+    code = "model_not_found"
+
+
+class UnsupportedTask(UserError):
+    code = "unsupported_task"
+
+
+class InvalidImage(UserError):
+    """An input image or mask could not be read, or does not fit the request."""
+
+    code = "invalid_image"
+
+
+# --- the server cannot serve it now ---------------------------------------------------------------
+
+
+class UnavailableError(KilnError):
+    code = "unavailable"
+
+
+class ModelNotInstalled(UnavailableError):
+    """The model is in the catalog but its weights are not on this machine."""
+
+    code = "model_not_installed"
+
+
+class ModelLoadFailed(UnavailableError):
+    """The weights are present but could not be loaded (corrupt or incompatible checkpoint)."""
+
+    code = "model_load_failed"
+
+
+# --- the work did not finish ----------------------------------------------------------------------
+
+
+class GenerationError(KilnError):
+    code = "generation_failed"
+
+
+class GenerationCancelled(GenerationError):
+    code = "cancelled"
+
+
+class OutOfMemory(GenerationError):
+    code = "out_of_memory"
+
+
+# --- configuration (start-up, never a request) ----------------------------------------------------
+
+
+class CatalogError(KilnError):
+    """The model catalog file is invalid; raised at start-up with the offending entry named."""
+
+    code = "invalid_catalog"

@@ -1,0 +1,22 @@
+"""Small builders shared by the tests."""
+
+from __future__ import annotations
+
+import io
+
+from PIL import Image
+
+
+def png(width: int = 64, height: int = 64, colour=(200, 40, 40), mode: str = "RGB") -> bytes:
+    buf = io.BytesIO()
+    Image.new(mode, (width, height), colour).save(buf, "PNG")
+    return buf.getvalue()
+
+
+def mask_png(width: int = 64, height: int = 64) -> bytes:
+    """Black (keep) with a white (regenerate) square in the middle."""
+    img = Image.new("L", (width, height), 0)
+    img.paste(255, (width // 4, height // 4, 3 * width // 4, 3 * height // 4))
+    buf = io.BytesIO()
+    img.save(buf, "PNG")
+    return buf.getvalue()
