@@ -109,6 +109,7 @@ class ModelSpec(_Strict):
     schedulers: list[str] = []
     lora: bool = False
     negative_prompt: bool = False
+    max_sequence_length: int | None = Field(default=None, ge=1, le=4096, description="prompt tokens for the text encoder")
     video: VideoSpec | None = None
     status: Status = "active"
     random_weights: bool = False
@@ -122,8 +123,10 @@ class ModelSpec(_Strict):
         for task in self.pipelines:
             if TASK_MODALITY[task] != self.modality:
                 raise ValueError(f"task {task!r} produces {TASK_MODALITY[task]}, but the model's modality is {self.modality}")
-        if self.toy is not None and not self.source.startswith(("/", "./", "../", "~")):
-            raise ValueError("a toy model's source must be a local path (where it is built)")
+        if self.toy is not None and (
+            not self.source.startswith(("/", "./", "../", "~")) or Path(self.source).name != self.toy
+        ):
+            raise ValueError(f"a toy model's source is the local directory it is built in, ending in /{self.toy}")
         if (self.modality == "video") != (self.video is not None):
             raise ValueError("a video model needs a [video] table, and only a video model may have one")
         return self

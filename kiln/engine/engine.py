@@ -1,0 +1,281 @@
+"""The engine: one canonical request in, pictures or a video out.
+
+It knows nothing of HTTP, jobs or storage. It loads each model once (``from_pretrained`` for the
+first task's pipeline, ``from_pipe`` for the others, so weights are shared), runs one request at a
+time per model (diffusers pipelines and schedulers keep per-call state), reports every step, and
+stops between steps when asked to.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import threading
+import time
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from PIL import Image
+
+from kiln.catalog import Catalog, ModelSpec
+from kiln.engine import weights
+from kiln.engine.families import Adapter, adapter_for
+from kiln.engine.outputs import ImageOutput, Output, VideoOutput
+from kiln.engine.plan import Plan, plan_request
+from kiln.engine.previews import LatentPreviewer
+from kiln.engine.request import GenerationRequest
+from kiln.engine.samplers import make_scheduler, step_completed
+from kiln.errors import GenerationCancelled, GenerationError, KilnError, ModelLoadFailed, OutOfMemory
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class StepEvent:
+    """One finished denoising step. ``preview`` is set only when previews were asked for."""
+
+    step: int
+    total: int
+    preview: Image.Image | None = None
+
+
+@dataclass(frozen=True)
+class GenerationResult:
+    """The outputs and every parameter that produced them (defaults filled in)."""
+
+    outputs: list[Output]
+    model: str
+    task: str
+    width: int
+    height: int
+    seed: int
+    steps: int
+    guidance: float
+    sampler: str | None
+    scheduler: str | None
+    strength: float | None
+    num_frames: int | None
+    fps: int | None
+    elapsed_ms: int
+
+
+OnStep = Callable[[StepEvent], None]
+
+
+class LoadedModel:
+    """A model's pipelines (one per task, sharing weights) and the lock that serialises them."""
+
+    def __init__(self, spec: ModelSpec, adapter: Adapter, pipelines: dict[str, Any]) -> None:
+        self.spec = spec
+        self.adapter = adapter
+        self.pipelines = pipelines
+        self.lock = threading.Lock()
+        base = next(iter(pipelines.values()))
+        self._scheduler_class = type(base.scheduler)
+        self._scheduler_config = dict(base.scheduler.config)
+        self._previewer: LatentPreviewer | None = None
+
+    def new_scheduler(self, plan: Plan) -> Any:
+        """A fresh scheduler for one call: schedulers keep state, so no two calls share one."""
+        if plan.sampler is None:
+            return self._scheduler_class.from_config(self._scheduler_config)
+        return make_scheduler(self._scheduler_config, plan.sampler, plan.scheduler or "simple", seeds=plan.seeds)
+
+    def previewer(self, pipe: Any) -> LatentPreviewer:
+        if self._previewer is None:
+            self._previewer = LatentPreviewer.fit(self.adapter, pipe)
+        return self._previewer
+
+
+class Engine:
+    """Runs generation requests against the models of a catalog.
+
+    Thread-safe: requests for different models may run at once; requests for one model queue on
+    its lock. ``device`` defaults to CUDA when present (weights in the catalog's dtype), else the
+    CPU in float32.
+    """
+
+    def __init__(self, catalog: Catalog, *, device: str | None = None) -> None:
+        self.catalog = catalog
+        for spec in catalog:
+            adapter_for(spec)  # an entry naming pipelines no adapter knows is a start-up error
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self._models: dict[str, LoadedModel] = {}
+        self._load_locks: dict[str, threading.Lock] = {}
+        self._guard = threading.Lock()
+
+    # --- models ----------------------------------------------------------------------------------
+
+    def dtype_for(self, spec: ModelSpec) -> torch.dtype:
+        return torch.float32 if self.device.type == "cpu" else getattr(torch, spec.dtype)
+
+    def installed(self, spec: ModelSpec) -> bool:
+        return weights.locate(spec) is not None
+
+    def loaded(self) -> list[str]:
+        return list(self._models)
+
+    def load(self, spec: ModelSpec) -> LoadedModel:
+        """Load ``spec`` once (later calls return the same object); never downloads."""
+        with self._guard:
+            if spec.key in self._models:
+                return self._models[spec.key]
+            lock = self._load_locks.setdefault(spec.key, threading.Lock())
+        with lock:
+            if spec.key not in self._models:
+                self._models[spec.key] = self._load(spec)
+        return self._models[spec.key]
+
+    def unload(self, key: str) -> None:
+        with self._guard:
+            self._models.pop(key, None)
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    def _load(self, spec: ModelSpec) -> LoadedModel:
+        import diffusers
+        import transformers
+
+        path = weights.require(spec)
+        # Loading bars belong to an interactive session, not to a server's log.
+        diffusers.utils.logging.disable_progress_bar()
+        transformers.utils.logging.disable_progress_bar()
+        adapter = adapter_for(spec)
+        started = time.perf_counter()
+        pipelines: dict[str, Any] = {}
+        try:
+            base = None
+            for task, class_name in spec.pipelines.items():
+                cls = getattr(diffusers, class_name)
+                if base is None:
+                    with warnings.catch_warnings():
+                        # diffusers 0.42 renames torch_dtype to dtype; older releases know only torch_dtype
+                        warnings.filterwarnings("ignore", message=".*torch_dtype.*", category=FutureWarning)
+                        base = cls.from_pretrained(path, torch_dtype=self.dtype_for(spec))
+                    if self.device.type != "cpu":
+                        base = base.to(self.device)
+                    pipe = base
+                elif type(base) is cls:
+                    pipe = base
+                else:
+                    pipe = cls.from_pipe(base)
+                pipe.set_progress_bar_config(disable=True)
+                pipelines[task] = pipe
+        except (OSError, ValueError, TypeError, KeyError, RuntimeError, AttributeError) as exc:
+            raise ModelLoadFailed(f"{spec.key} could not be loaded from {path}: {type(exc).__name__}: {exc}") from exc
+        log.info("loaded %s from %s in %.1fs", spec.key, path, time.perf_counter() - started)
+        return LoadedModel(spec, adapter, pipelines)
+
+    # --- generation ------------------------------------------------------------------------------
+
+    def plan(self, request: GenerationRequest) -> Plan:
+        """Validate ``request`` against the catalog without touching a model."""
+        return plan_request(request, self.catalog)
+
+    def generate(
+        self,
+        request: GenerationRequest,
+        *,
+        on_step: OnStep | None = None,
+        cancel: threading.Event | None = None,
+        previews: bool = False,
+    ) -> GenerationResult:
+        """Run ``request`` and return its outputs.
+
+        ``on_step`` is called once per denoising step, from this thread; with ``previews`` its
+        event carries a small RGB preview of the first output. Setting ``cancel`` stops the run
+        between steps with :class:`GenerationCancelled` and no output. Every user error is raised
+        before any model work.
+        """
+        plan = self.plan(request)
+        _check_cancel(cancel)
+        loaded = self.load(plan.spec)
+        with loaded.lock:
+            _check_cancel(cancel)
+            started = time.perf_counter()
+            output = self._run(loaded, plan, on_step, cancel, previews)
+            elapsed_ms = round((time.perf_counter() - started) * 1000)
+        return self._result(loaded, plan, output, elapsed_ms)
+
+    def _run(self, loaded: LoadedModel, plan: Plan, on_step, cancel, previews) -> Any:
+        pipe = loaded.pipelines[plan.task]
+        pipe.scheduler = loaded.new_scheduler(plan)
+        adapter = loaded.adapter
+        progress = _Progress(loaded, pipe, plan, on_step, cancel, previews)
+        kwargs = adapter.call_kwargs(plan, pipe)
+        kwargs.update(
+            num_inference_steps=plan.steps,
+            guidance_scale=plan.guidance,
+            generator=[torch.Generator("cpu").manual_seed(s) for s in plan.seeds],
+            callback_on_step_end=progress,
+            callback_on_step_end_tensor_inputs=["latents"],
+        )
+        kwargs[adapter.count_argument] = plan.num_outputs
+        try:
+            with torch.inference_mode():
+                return pipe(**kwargs)
+        except KilnError:
+            raise
+        except torch.OutOfMemoryError as exc:
+            raise OutOfMemory(f"{plan.spec.key} ran out of memory at {plan.width}x{plan.height}") from exc
+        except Exception as exc:
+            log.exception("generation failed for %s %s", plan.spec.key, plan.task)
+            raise GenerationError(f"{plan.spec.key} {plan.task} failed: {type(exc).__name__}") from exc
+
+    def _result(self, loaded: LoadedModel, plan: Plan, output: Any, elapsed_ms: int) -> GenerationResult:
+        pictures = loaded.adapter.images(output, plan)
+        outputs: list[Output]
+        if plan.spec.modality == "video":
+            outputs = [VideoOutput(frames=pictures, fps=plan.fps or 24, seed=plan.seed)]
+        else:
+            outputs = [ImageOutput(image=img, seed=seed) for img, seed in zip(pictures, plan.seeds, strict=True)]
+        return GenerationResult(
+            outputs=outputs,
+            model=plan.spec.key,
+            task=plan.task,
+            width=plan.width,
+            height=plan.height,
+            seed=plan.seed,
+            steps=plan.steps,
+            guidance=plan.guidance,
+            sampler=plan.sampler,
+            scheduler=plan.scheduler,
+            strength=plan.strength,
+            num_frames=plan.num_frames,
+            fps=plan.fps,
+            elapsed_ms=elapsed_ms,
+        )
+
+
+def _check_cancel(cancel: threading.Event | None) -> None:
+    if cancel is not None and cancel.is_set():
+        raise GenerationCancelled("the request was cancelled")
+
+
+class _Progress:
+    """``callback_on_step_end`` for diffusers: counts user-visible steps, previews, cancels."""
+
+    def __init__(self, loaded: LoadedModel, pipe: Any, plan: Plan, on_step, cancel, previews: bool) -> None:
+        self.loaded, self.pipe, self.plan = loaded, pipe, plan
+        self.on_step, self.cancel, self.previews = on_step, cancel, previews
+        self.step = 0
+        self.total: int | None = None
+
+    def __call__(self, pipe: Any, index: int, timestep: Any, tensors: dict[str, Any]) -> dict[str, Any]:
+        scheduler = pipe.scheduler
+        if self.total is None:
+            begin = getattr(scheduler, "begin_index", None) or 0
+            self.total = math.ceil((len(scheduler.timesteps) - begin) / getattr(scheduler, "order", 1))
+        if step_completed(scheduler):
+            self.step += 1
+            if self.on_step is not None:
+                preview = None
+                if self.previews and "latents" in tensors:
+                    spatial = self.loaded.adapter.spatial_latents(pipe, tensors["latents"], self.plan)
+                    preview = self.loaded.previewer(pipe).render(spatial[:1])[0]
+                self.on_step(StepEvent(step=self.step, total=self.total, preview=preview))
+        _check_cancel(self.cancel)
+        return {}

@@ -1,0 +1,81 @@
+"""What the engine needs to know about one diffusers architecture.
+
+An adapter knows how to call its pipelines (which keyword carries the image, whether strength
+applies), how to read their latents for previews, and how to turn their output into pictures. It
+holds no per-model facts: those are in the catalog.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import numpy as np
+import torch
+from PIL import Image
+
+from kiln.engine.samplers import pipeline_strength
+
+if TYPE_CHECKING:
+    from kiln.engine.plan import Plan
+
+
+class Adapter:
+    """Base class; one subclass per diffusers architecture (FLUX.1, FLUX.2, Z-Image, WAN)."""
+
+    name: ClassVar[str]
+    pipeline_classes: ClassVar[frozenset[str]]
+    # Tasks whose pipeline takes a `strength` (how far from the input image to go).
+    strength_tasks: ClassVar[frozenset[str]] = frozenset()
+    # Name of the pipeline argument that sets the number of outputs.
+    count_argument: ClassVar[str] = "num_images_per_prompt"
+
+    def call_kwargs(self, plan: Plan, pipe: Any) -> dict[str, Any]:
+        """Arguments for ``pipe(...)`` beyond the ones every pipeline shares (see the engine)."""
+        kwargs = self.prompt_kwargs(plan)
+        if plan.negative_prompt:
+            kwargs["negative_prompt"] = plan.negative_prompt
+        if plan.strength is not None:
+            # Heun's doubled timesteps would otherwise shift where img2img starts.
+            kwargs["strength"] = pipeline_strength(pipe.scheduler, plan.strength, plan.steps)
+        if plan.image is not None:
+            kwargs["image"] = fit_to(plan.image, plan.width, plan.height)
+        if plan.mask is not None:
+            kwargs["mask_image"] = fit_to(plan.mask, plan.width, plan.height)
+        return kwargs
+
+    def prompt_kwargs(self, plan: Plan) -> dict[str, Any]:
+        """Prompt and size: what every pipeline of every family takes, by keyword."""
+        kwargs: dict[str, Any] = {"prompt": plan.prompt, "height": plan.height, "width": plan.width}
+        if plan.spec.max_sequence_length is not None:
+            kwargs["max_sequence_length"] = plan.spec.max_sequence_length
+        return kwargs
+
+    def spatial_latents(self, pipe: Any, latents: torch.Tensor, plan: Plan) -> torch.Tensor:
+        """The denoising latents as (batch, channels, h, w), for the preview projection."""
+        return latents
+
+    def encode_for_preview(self, pipe: Any, image: torch.Tensor) -> torch.Tensor:
+        """Encode ``image`` (1, 3, H, W in [-1, 1]) into the same space as :meth:`spatial_latents`."""
+        raise NotImplementedError
+
+    def images(self, output: Any, plan: Plan) -> list[Image.Image]:
+        """Final pictures (or video frames, in order) from the pipeline's output."""
+        return list(output.images)
+
+
+def fit_to(image: Image.Image, width: int, height: int) -> Image.Image:
+    """Scale ``image`` to cover ``width``x``height`` and crop the centre, keeping its aspect ratio."""
+    if image.size == (width, height):
+        return image
+    scale = max(width / image.width, height / image.height)
+    w, h = max(width, round(image.width * scale)), max(height, round(image.height * scale))
+    resample = Image.Resampling.NEAREST if image.mode == "L" else Image.Resampling.LANCZOS
+    resized = image.resize((w, h), resample)
+    left, top = (w - width) // 2, (h - height) // 2
+    return resized.crop((left, top, left + width, top + height))
+
+
+def frames_from_array(video: np.ndarray) -> list[Image.Image]:
+    """(frames, H, W, 3) floats in [0, 1] -> 8-bit RGB images."""
+    arr = np.clip(np.asarray(video, dtype=np.float32) * 255.0 + 0.5, 0, 255).astype(np.uint8)
+    return [Image.fromarray(frame, "RGB") for frame in arr]

@@ -1,0 +1,30 @@
+"""FLUX.1 (dev, schnell): FluxPipeline, FluxImg2ImgPipeline, FluxInpaintPipeline."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from kiln.engine.families.base import Adapter
+
+
+class FluxAdapter(Adapter):
+    name = "flux"
+    pipeline_classes = frozenset({"FluxPipeline", "FluxImg2ImgPipeline", "FluxInpaintPipeline"})
+    strength_tasks = frozenset({"i2i", "edit"})
+
+    def call_kwargs(self, plan, pipe) -> dict[str, Any]:
+        kwargs = super().call_kwargs(plan, pipe)
+        if plan.negative_prompt:
+            # FLUX.1 is guidance-distilled: a negative prompt only acts through true CFG.
+            kwargs["true_cfg_scale"] = plan.guidance
+        return kwargs
+
+    def spatial_latents(self, pipe, latents, plan) -> torch.Tensor:
+        return pipe._unpack_latents(latents, plan.height, plan.width, pipe.vae_scale_factor)
+
+    def encode_for_preview(self, pipe, image) -> torch.Tensor:
+        cfg = pipe.vae.config
+        latents = pipe.vae.encode(image).latent_dist.mode()
+        return (latents - cfg.shift_factor) * cfg.scaling_factor

@@ -1,0 +1,18 @@
+"""Z-Image (turbo): ZImagePipeline, ZImageImg2ImgPipeline, ZImageInpaintPipeline."""
+
+from __future__ import annotations
+
+import torch
+
+from kiln.engine.families.base import Adapter
+
+
+class ZImageAdapter(Adapter):
+    name = "zimage"
+    pipeline_classes = frozenset({"ZImagePipeline", "ZImageImg2ImgPipeline", "ZImageInpaintPipeline"})
+    strength_tasks = frozenset({"i2i", "edit"})
+
+    def encode_for_preview(self, pipe, image) -> torch.Tensor:
+        cfg = pipe.vae.config
+        latents = pipe.vae.encode(image).latent_dist.mode()
+        return (latents - cfg.shift_factor) * cfg.scaling_factor
