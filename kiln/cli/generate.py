@@ -1,0 +1,132 @@
+"""``kiln generate "prompt"``: one generation on this machine, with a progress bar over the steps."""
+
+from __future__ import annotations
+
+import sys
+import threading
+import time
+from pathlib import Path
+
+from kiln.catalog import load_catalog
+from kiln.errors import InvalidImage, InvalidParameters
+
+EXTENSIONS = {".webp": "webp", ".png": "png", ".jpg": "jpeg", ".jpeg": "jpeg", ".mp4": "mp4"}
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("generate", help="generate an image or a video on this machine")
+    p.add_argument("prompt", help="what to make")
+    p.add_argument("--model", "-m", help="FAMILY/MODEL or FAMILY/ALIAS (default: the catalog's default model)")
+    p.add_argument("--task", "-t", help="t2i, i2i, edit, t2v or i2v (default: the model's first task)")
+    p.add_argument("--format", "-f", dest="fmt", help="output format name, e.g. 1024, 512, portrait, 480p")
+    p.add_argument("--seed", type=int, help="0..4294967295 (default: random, printed)")
+    p.add_argument("--steps", type=int, help="denoising steps (default: the model's)")
+    p.add_argument("--guidance", type=float, help="guidance / cfg (default: the model's)")
+    p.add_argument("--sampler", help="euler, euler_a, dpmpp_2m or heun")
+    p.add_argument("--scheduler", help="simple, normal or sgm")
+    p.add_argument("--strength", type=float, help="i2i/edit: 0..1, how much to change the image")
+    p.add_argument("--negative-prompt", help="what to avoid (models that use one)")
+    p.add_argument("--image", type=Path, help="input image for i2i, edit, i2v")
+    p.add_argument("--mask", type=Path, help="edit: white is regenerated, black is kept")
+    p.add_argument("--duration", type=float, help="video length in seconds")
+    p.add_argument("--num-outputs", "-n", type=int, default=1, help="how many images (1-4)")
+    p.add_argument("-o", "--output", type=Path, help="output file (.webp .png .jpg .mp4; default kiln-SEED.webp/.mp4)")
+    p.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
+    p.set_defaults(run=run)
+
+
+def run(args) -> int:
+    from kiln.engine import Engine, GenerationRequest, weights
+
+    catalog = load_catalog(args.catalog)
+    spec = catalog.resolve_key(args.model or catalog.default_model)
+    fmt_out = _output_format(args.output, spec.modality)
+    request = GenerationRequest.create(
+        family=spec.family,
+        model=spec.model,
+        task=args.task or spec.tasks[0],
+        format=args.fmt or spec.formats[0],
+        prompt=args.prompt,
+        negative_prompt=args.negative_prompt,
+        steps=args.steps,
+        guidance=args.guidance,
+        seed=args.seed,
+        sampler=args.sampler,
+        scheduler=args.scheduler,
+        strength=args.strength,
+        image=_read(args.image, "image"),
+        mask=_read(args.mask, "mask"),
+        num_outputs=args.num_outputs,
+        duration=args.duration,
+    )
+    engine = Engine(catalog)
+    engine.plan(request)  # every user error surfaces before anything is built or loaded
+    if spec.toy and not engine.installed(spec):
+        print(f"{spec.key}: building the toy checkpoint on first use (random weights) ...", file=sys.stderr)
+        weights.pull(spec)
+    if spec.random_weights:
+        print(f"note: {spec.key} has random weights; its pictures are noise", file=sys.stderr)
+
+    bar = _ProgressBar(disabled=args.quiet)
+    started = time.perf_counter()
+    cancel = threading.Event()
+    try:
+        result = engine.generate(request, on_step=bar.update, cancel=cancel)
+    finally:
+        bar.close()
+    took = time.perf_counter() - started
+
+    paths = _paths(args.output, result.seed, fmt_out, len(result.outputs))
+    for output, path in zip(result.outputs, paths, strict=True):
+        path.write_bytes(output.encode(fmt_out))
+    size = f"{result.width}x{result.height}" + (f", {result.num_frames} frames at {result.fps} fps" if result.num_frames else "")
+    print(f"seed {result.seed}  {result.model} {result.task} {size}  {result.steps} steps  {took:.2f}s")
+    for path in paths:
+        print(path)
+    return 0
+
+
+def _output_format(path: Path | None, modality: str) -> str:
+    if path is None:
+        return "mp4" if modality == "video" else "webp"
+    fmt = EXTENSIONS.get(path.suffix.lower())
+    if fmt is None or (fmt == "mp4") != (modality == "video"):
+        allowed = ".mp4" if modality == "video" else ".webp, .png, .jpg"
+        raise InvalidParameters(f"cannot write {modality} to {path.name!r}; use {allowed}")
+    return fmt
+
+
+def _read(path: Path | None, what: str) -> bytes | None:
+    if path is None:
+        return None
+    try:
+        return path.read_bytes()
+    except OSError as exc:
+        raise InvalidImage(f"cannot read the {what} file {path}: {exc.strerror}") from exc
+
+
+def _paths(output: Path | None, seed: int, fmt: str, count: int) -> list[Path]:
+    ext = {"jpeg": ".jpg"}.get(fmt, f".{fmt}")
+    base = output or Path(f"kiln-{seed}{ext}")
+    if count == 1:
+        return [base]
+    return [base.with_name(f"{base.stem}-{i + 1}{base.suffix}") for i in range(count)]
+
+
+class _ProgressBar:
+    def __init__(self, disabled: bool) -> None:
+        self.disabled = disabled
+        self.bar = None
+
+    def update(self, event) -> None:
+        if self.disabled:
+            return
+        if self.bar is None:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=event.total, unit="step", file=sys.stderr, leave=False)
+        self.bar.update(event.step - self.bar.n)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
