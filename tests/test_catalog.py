@@ -12,7 +12,7 @@ from kiln.errors import CatalogError, UnknownModel, UnsupportedFormat, Unsupport
 
 
 @pytest.fixture(scope="module")
-def catalog():
+def default_catalog():
     return load_catalog()
 
 
@@ -20,62 +20,62 @@ def raw_default() -> dict:
     return tomllib.loads(DEFAULT_CATALOG.read_text())
 
 
-def test_default_catalog_has_the_render_api_models(catalog):
-    assert {"flux/dev2", "flux/dev", "flux/schnell", "zimage/turbo", "wan/default"} <= set(catalog.models)
-    assert catalog.aliases == {"latest": "flux/dev2", "default": "flux/dev", "fast": "flux/schnell", "turbo": "zimage/turbo"}
+def test_default_catalog_has_the_render_api_models(default_catalog):
+    assert {"flux/dev2", "flux/dev", "flux/schnell", "zimage/turbo", "wan/default"} <= set(default_catalog.models)
+    assert default_catalog.aliases == {"latest": "flux/dev2", "default": "flux/dev", "fast": "flux/schnell", "turbo": "zimage/turbo"}
 
 
 @pytest.mark.parametrize(("family", "name", "key"), [
     ("flux", "latest", "flux/dev2"), ("flux", "default", "flux/dev"), ("flux", "fast", "flux/schnell"),
     ("zimage", "turbo", "zimage/turbo"), ("flux", "dev", "flux/dev"),
 ])
-def test_aliases_resolve_within_their_family(catalog, family, name, key):
-    assert catalog.resolve(family, name).key == key
+def test_aliases_resolve_within_their_family(default_catalog, family, name, key):
+    assert default_catalog.resolve(family, name).key == key
 
 
-def test_alias_of_another_family_is_unknown(catalog):
+def test_alias_of_another_family_is_unknown(default_catalog):
     with pytest.raises(UnknownModel, match="zimage/fast"):
-        catalog.resolve("zimage", "fast")
+        default_catalog.resolve("zimage", "fast")
 
 
-def test_reference_rules(catalog):
-    schnell = catalog.models["flux/schnell"]
+def test_reference_rules(default_catalog):
+    schnell = default_catalog.models["flux/schnell"]
     assert (schnell.steps.min, schnell.steps.max, schnell.steps.default) == (4, 4, 4)
     assert schnell.guidance.mode == "fixed" and schnell.guidance.value == 3.5
     assert schnell.samplers == ["euler"] and schnell.schedulers == ["simple"] and not schnell.lora
-    turbo = catalog.models["zimage/turbo"]
+    turbo = default_catalog.models["zimage/turbo"]
     assert (turbo.steps.min, turbo.steps.max) == (5, 12)
     assert turbo.guidance.mode == "ignored" and turbo.samplers == ["euler"] and not turbo.lora
-    dev = catalog.models["flux/dev"]
+    dev = default_catalog.models["flux/dev"]
     assert (dev.steps.min, dev.steps.max) == (15, 50) and (dev.guidance.min, dev.guidance.max) == (2.0, 5.0)
     assert dev.samplers == ["euler", "euler_a", "dpmpp_2m", "heun"] and dev.schedulers == ["simple", "normal", "sgm"]
-    dev2 = catalog.models["flux/dev2"]
+    dev2 = default_catalog.models["flux/dev2"]
     assert (dev2.guidance.min, dev2.guidance.max) == (1.0, 5.0) and dev2.lora
-    wan = catalog.models["wan/default"]
+    wan = default_catalog.models["wan/default"]
     assert wan.modality == "video" and set(wan.tasks) == {"i2v", "t2v"}
     assert (wan.guidance.min, wan.guidance.default, wan.guidance.max) == (6.0, 7.0, 8.0)
     assert wan.video is not None and (wan.video.duration.min, wan.video.duration.max) == (0.5, 10.0)
     assert wan.video.fps == 24
 
 
-def test_format_table_matches_the_reference(catalog):
-    assert catalog.formats["image"] == {
+def test_format_table_matches_the_reference(default_catalog):
+    assert default_catalog.formats["image"] == {
         "1024": (1024, 1024), "512": (512, 512), "portrait": (768, 1024), "portrait-wide": (576, 1024),
         "landscape": (1024, 768), "landscape-wide": (1024, 576),
     }
-    assert catalog.formats["video"]["720p"] == (1280, 720) and catalog.formats["video"]["480p"] == (832, 480)
+    assert default_catalog.formats["video"]["720p"] == (1280, 720) and default_catalog.formats["video"]["480p"] == (832, 480)
 
 
-def test_size_and_task_errors_name_what_is_allowed(catalog):
-    spec = catalog.models["flux/dev"]
+def test_size_and_task_errors_name_what_is_allowed(default_catalog):
+    spec = default_catalog.models["flux/dev"]
     with pytest.raises(UnsupportedFormat, match="720p.*1024"):
-        catalog.size_of(spec, "720p")
+        default_catalog.size_of(spec, "720p")
     with pytest.raises(UnsupportedTask, match="t2v.*t2i"):
-        catalog.check_task(spec, "t2v")
+        default_catalog.check_task(spec, "t2v")
 
 
-def test_every_default_model_has_an_adapter(catalog):
-    Engine(catalog, device="cpu")  # raises CatalogError otherwise
+def test_every_default_model_has_an_adapter(default_catalog):
+    Engine(default_catalog, device="cpu")  # raises CatalogError otherwise
 
 
 def _broken(mutate) -> dict:

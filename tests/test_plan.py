@@ -19,7 +19,7 @@ from kiln.errors import (
 
 
 @pytest.fixture(scope="module")
-def catalog():
+def default_catalog():
     return load_catalog()
 
 
@@ -29,24 +29,24 @@ def req(**kw) -> GenerationRequest:
     return GenerationRequest.create(**base)
 
 
-def test_defaults_come_from_the_catalog(catalog):
-    plan = plan_request(req(), catalog)
+def test_defaults_come_from_the_catalog(default_catalog):
+    plan = plan_request(req(), default_catalog)
     assert (plan.width, plan.height, plan.steps, plan.guidance) == (512, 512, 28, 3.5)
     assert (plan.sampler, plan.scheduler, plan.strength, plan.num_frames) == ("euler", "simple", None, None)
     assert 0 <= plan.seed <= 2**32 - 1
 
 
-def test_alias_in_the_request_resolves(catalog):
-    assert plan_request(req(model="fast", steps=4), catalog).spec.key == "flux/schnell"
+def test_alias_in_the_request_resolves(default_catalog):
+    assert plan_request(req(model="fast", steps=4), default_catalog).spec.key == "flux/schnell"
 
 
-def test_fixed_values_may_be_repeated(catalog):
-    plan = plan_request(req(model="schnell", steps=4, guidance=3.5, sampler="euler", scheduler="simple"), catalog)
+def test_fixed_values_may_be_repeated(default_catalog):
+    plan = plan_request(req(model="schnell", steps=4, guidance=3.5, sampler="euler", scheduler="simple"), default_catalog)
     assert (plan.steps, plan.guidance) == (4, 3.5)
 
 
-def test_zimage_ignores_guidance_as_documented(catalog):
-    plan = plan_request(req(family="zimage", model="turbo", guidance=4.5), catalog)
+def test_zimage_ignores_guidance_as_documented(default_catalog):
+    plan = plan_request(req(family="zimage", model="turbo", guidance=4.5), default_catalog)
     assert plan.guidance == 0.0 and plan.steps == 8
 
 
@@ -88,9 +88,9 @@ def test_zimage_ignores_guidance_as_documented(catalog):
     (dict(family="wan", model="default", task="t2v", format="480p", num_outputs=2), InvalidParameters, "one video"),
     (dict(family="wan", model="default", task="t2v", format="480p", sampler="euler"), InvalidParameters, "own scheduler"),
 ])
-def test_rejections(catalog, kw, error, message):
+def test_rejections(default_catalog, kw, error, message):
     with pytest.raises(error, match=message) as info:
-        plan_request(req(**kw), catalog)
+        plan_request(req(**kw), default_catalog)
     assert isinstance(info.value, UserError)
 
 
@@ -108,36 +108,36 @@ def test_out_of_bounds_fields_are_invalid_parameters(kw, field):
         req(**kw)
 
 
-def test_seed_edges_are_accepted(catalog):
-    assert plan_request(req(seed=0), catalog).seed == 0
-    plan = plan_request(req(seed=2**32 - 1, num_outputs=2), catalog)
+def test_seed_edges_are_accepted(default_catalog):
+    assert plan_request(req(seed=0), default_catalog).seed == 0
+    plan = plan_request(req(seed=2**32 - 1, num_outputs=2), default_catalog)
     assert plan.seeds == [2**32 - 1, 0]
 
 
-def test_i2i_without_prompt_needs_high_strength(catalog):
-    plan = plan_request(req(task="i2i", image=png(), prompt="", strength=0.9), catalog)
+def test_i2i_without_prompt_needs_high_strength(default_catalog):
+    plan = plan_request(req(task="i2i", image=png(), prompt="", strength=0.9), default_catalog)
     assert plan.prompt == "" and plan.strength == 0.9
     with pytest.raises(InvalidPrompt):
-        plan_request(req(task="i2i", image=png(), prompt="", strength=0.5), catalog)
+        plan_request(req(task="i2i", image=png(), prompt="", strength=0.5), default_catalog)
 
 
-def test_task_defaults_and_decoded_inputs(catalog):
-    plan = plan_request(req(task="edit", image=png(80, 60, mode="RGBA", colour=(1, 2, 3, 4)), mask=mask_png(80, 60)), catalog)
+def test_task_defaults_and_decoded_inputs(default_catalog):
+    plan = plan_request(req(task="edit", image=png(80, 60, mode="RGBA", colour=(1, 2, 3, 4)), mask=mask_png(80, 60)), default_catalog)
     assert plan.strength == 1.0 and plan.image.mode == "RGB" and plan.mask.mode == "L"
-    assert plan_request(req(task="i2i", image=png()), catalog).strength == 0.7
+    assert plan_request(req(task="i2i", image=png()), default_catalog).strength == 0.7
 
 
 @pytest.mark.parametrize(("duration", "frames"), [(None, 49), (0.5, 13), (2.0, 49), (3.0, 73), (10.0, 241)])
-def test_video_frame_count_follows_duration(catalog, duration, frames):
-    plan = plan_request(req(family="wan", model="default", task="t2v", format="480p", duration=duration), catalog)
+def test_video_frame_count_follows_duration(default_catalog, duration, frames):
+    plan = plan_request(req(family="wan", model="default", task="t2v", format="480p", duration=duration), default_catalog)
     assert plan.num_frames == frames and plan.fps == 24 and (plan.width, plan.height) == (832, 480)
     assert (plan.num_frames - 1) % 4 == 0
 
 
-def test_request_is_never_mutated(catalog):
+def test_request_is_never_mutated(default_catalog):
     request = req(task="edit", image=png(), mask=mask_png())
     before = request.model_dump()
-    plan_request(request, catalog)
+    plan_request(request, default_catalog)
     assert request.model_dump() == before
     with pytest.raises(Exception):
         request.prompt = "changed"  # frozen
