@@ -38,6 +38,8 @@ def add_parser(sub) -> None:
 def run(args) -> int:
     from kiln.engine import Engine, GenerationRequest, weights
 
+    if not args.verbose:
+        _quiet_libraries()
     catalog = load_catalog(args.catalog)
     spec = catalog.resolve_key(args.model or catalog.default_model)
     fmt_out = _output_format(args.output, spec.modality)
@@ -111,6 +113,15 @@ def _paths(output: Path | None, seed: int, fmt: str, count: int) -> list[Path]:
     if count == 1:
         return [base]
     return [base.with_name(f"{base.stem}-{i + 1}{base.suffix}") for i in range(count)]
+
+
+def _quiet_libraries() -> None:
+    """diffusers and transformers log load-time advice meant for library users, not for kiln's."""
+    import diffusers
+    import transformers
+
+    diffusers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.set_verbosity_error()
 
 
 class _ProgressBar:
