@@ -16,10 +16,11 @@ widths/heights are padded by one row/column that repeats the edge pixels: the
 output is ``(W + W % 2) x (H + H % 2)``.
 
 Both functions are thread-safe: each call works on private copies and private
-encoder / container objects, the shared input is only read (a lazily loaded
-file-backed image is loaded under a lock), and the heavy work (libwebp, zlib,
-libjpeg, libx264) runs with the GIL released, so concurrent calls use several
-cores.
+encoder / container objects (plus its own temp file for MP4), and the shared
+input is only read (a lazily loaded file-backed image is loaded under a lock).
+WebP and PNG encoding run with the GIL released (bench/encode.py: ~1.9x
+throughput with two threads on two cores), so concurrent calls use several
+cores; libx264 runs its own worker threads.
 """
 
 from __future__ import annotations
@@ -60,12 +61,16 @@ _ALIASES = {"jpg": "jpeg"}
 
 # libwebp "method" (0 = fastest .. 6 = slowest/smallest; Pillow's default is 4).
 # Chosen by bench/encode.py: the fastest setting at quality 90 whose files stay
-# within +15% of method 4 on every bench image without losing PSNR.
+# within +15% of method 4 on every bench image without losing PSNR.  Method 2:
+# ~2.5x faster than method 4 at 1024x1024 (30 ms vs 71 ms on 2 EPYC cores),
+# files +1.7% (worst image +3%).  Methods 0/1 are faster (3.4x / 2.55x) but
+# their files grow up to +44% / +27% on images with large smooth areas.
 # See bench/results/encode-20261121.md (raw timings: encode-20261121.json).
 WEBP_METHOD = 2
 
-# zlib level for PNG.  Level 1 is ~4x faster than Pillow's default 6 on a
-# 1024x1024 image for ~10-15% larger files (bench/results/encode-20261121.md).
+# zlib level for PNG.  Level 1 is ~4.5x faster than Pillow's default 6 on a
+# 1024x1024 image (62 ms vs 275 ms) for ~16% larger files
+# (bench/results/encode-20261121.md).
 PNG_COMPRESS_LEVEL = 1
 
 # JPEG: baseline (not progressive), no Huffman optimisation pass, 4:2:0 chroma.
@@ -73,8 +78,9 @@ _JPEG_SUBSAMPLING = "4:2:0"
 
 # H.264: capped CRF.  CRF 18 is visually near-lossless; the VBV cap keeps the
 # rate at or below the API spec (~8 Mbit/s at 720p, ~4 Mbit/s at 480p, see
-# video_max_bitrate).  "faster" costs ~0.8 s for 49 frames of 1280x720 on two
-# cores (vs ~2 s for "medium") at about the same size for this content.
+# video_max_bitrate).  "faster" takes ~0.8 s for 49 frames of 1280x720 on two
+# cores vs ~1.2 s for "medium" at a similar bitrate; encoding stays a small
+# share of a video generation either way (bench/results/encode-20261121.md).
 VIDEO_PRESET = "faster"
 VIDEO_CRF = 18
 VIDEO_PROFILE = "high"
