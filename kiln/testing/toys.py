@@ -348,6 +348,27 @@ def mistral_tokenizer():
 # --------------------------------------------------------------------------------------------------------------
 
 
+def _t5_encoder_config(tokenizer: Any) -> dict[str, Any]:
+    """A 2-layer, 32-wide T5 encoder (FLUX.1's T5 and WAN's UMT5 share the shape)."""
+    return dict(
+        vocab_size=len(tokenizer),
+        d_model=32,
+        d_kv=8,
+        d_ff=64,
+        num_layers=2,
+        num_heads=4,
+        relative_attention_num_buckets=32,
+        relative_attention_max_distance=128,
+        feed_forward_proj="gated-gelu",
+        tie_word_embeddings=False,
+        is_encoder_decoder=False,
+        use_cache=False,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        decoder_start_token_id=tokenizer.pad_token_id,
+    )
+
+
 def _flux_vae():
     """FLUX.1's AutoencoderKL (also Z-Image's): 4 levels -> vae_scale_factor 8, 16 latent channels, no quant convs."""
     from diffusers import AutoencoderKL
@@ -417,23 +438,7 @@ def _flux1(guidance_embeds: bool):
     )
     torch.manual_seed(SEED)
     text_encoder_2 = T5EncoderModel(
-        T5Config(
-            vocab_size=len(tokenizer_2),
-            d_model=32,
-            d_kv=8,
-            d_ff=64,
-            num_layers=2,
-            num_heads=4,
-            relative_attention_num_buckets=32,
-            relative_attention_max_distance=128,
-            feed_forward_proj="gated-gelu",
-            tie_word_embeddings=False,
-            is_encoder_decoder=False,
-            use_cache=False,
-            pad_token_id=tokenizer_2.pad_token_id,
-            eos_token_id=tokenizer_2.eos_token_id,
-            decoder_start_token_id=tokenizer_2.pad_token_id,
-        )
+        T5Config(**_t5_encoder_config(tokenizer_2))
     )
     torch.manual_seed(SEED)
     transformer = FluxTransformer2DModel(
@@ -681,23 +686,7 @@ def _wan22_ti2v():
     tokenizer = t5_tokenizer(model_max_length=512)
     torch.manual_seed(SEED)
     text_encoder = UMT5EncoderModel(
-        UMT5Config(
-            vocab_size=len(tokenizer),
-            d_model=32,
-            d_kv=8,
-            d_ff=64,
-            num_layers=2,
-            num_heads=4,
-            relative_attention_num_buckets=32,
-            relative_attention_max_distance=128,
-            feed_forward_proj="gated-gelu",
-            tie_word_embeddings=False,
-            is_encoder_decoder=False,
-            use_cache=False,
-            pad_token_id=tokenizer.pad_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-            decoder_start_token_id=tokenizer.pad_token_id,
-        )
+        UMT5Config(**_t5_encoder_config(tokenizer))
     )
     torch.manual_seed(SEED)
     transformer = WanTransformer3DModel(
