@@ -165,7 +165,9 @@ class Engine:
                 pipe.set_progress_bar_config(disable=True)
                 pipelines[task] = pipe
         except (OSError, ValueError, TypeError, KeyError, RuntimeError, AttributeError) as exc:
-            raise ModelLoadFailed(f"{spec.key} could not be loaded from {path}: {type(exc).__name__}: {exc}") from exc
+            # The details (paths, library messages) go to the operator's log, not to API clients.
+            log.exception("%s could not be loaded from %s", spec.key, path)
+            raise ModelLoadFailed(f"{spec.key} could not be loaded ({type(exc).__name__}); see the server log") from exc
         log.info("loaded %s from %s in %.1fs", spec.key, path, time.perf_counter() - started)
         return LoadedModel(spec, adapter, pipelines)
 
