@@ -136,3 +136,19 @@ def test_pull_builds_a_toy_model_locally(tmp_path, capsys):
     assert (tmp_path / "toys" / "flux1-dev" / "model_index.json").exists()
     assert main(["--catalog", str(catalog), "models"]) == 0
     assert "installed, RANDOM WEIGHTS" in capsys.readouterr().out
+
+
+def test_pull_of_a_local_checkpoint_needs_no_download(toys_dir, tmp_path, capsys):
+    from kiln.testing.catalog import toy_catalog_dict
+    import tomli_w
+
+    raw = toy_catalog_dict(toys_dir)
+    raw["models"][1]["source"] = str(tmp_path / "missing")  # flux/dev points at nothing
+    catalog = tmp_path / "catalog.toml"
+    catalog.write_text(tomli_w.dumps(raw))
+    assert main(["--catalog", str(catalog), "pull", "flux/schnell"]) == 0
+    assert str(toys_dir / "flux1-schnell") in capsys.readouterr().out
+    assert main(["--catalog", str(catalog), "pull", "flux/dev"]) == 1
+    assert "local checkpoint" in capsys.readouterr().err
+    assert main(["--catalog", str(catalog), "generate", "a red circle", "-m", "flux/dev", "-f", "512"]) == 3
+    assert f"no checkpoint at {tmp_path / 'missing'}" in capsys.readouterr().err

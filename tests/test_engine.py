@@ -245,3 +245,20 @@ def test_not_installed_model_names_the_pull_command(tmp_path):
             engine.generate(request("flux", "schnell", fmt="512", steps=8))
     finally:
         constants.HF_HUB_CACHE = original
+
+
+def test_negative_prompt_changes_the_output_where_the_model_uses_one(toys_dir):
+    from kiln.catalog import parse_catalog
+    from kiln.testing.catalog import toy_catalog_dict
+
+    raw = toy_catalog_dict(toys_dir, small_formats=True)
+    for entry in raw["models"]:
+        if entry["model"] == "dev":
+            entry["negative_prompt"] = True  # FLUX.1 takes one through true CFG
+    engine = Engine(parse_catalog(raw, base_dir=toys_dir), device="cpu")
+    for family, model, task, extra in [("flux", "dev", "t2i", {"steps": 15}), ("wan", "default", "t2v", {"duration": 0.5, "steps": 10})]:
+        plain = engine.generate(request(family, model, task, seed=8, **extra)).outputs[0]
+        negative = engine.generate(request(family, model, task, seed=8, negative_prompt="blurry, dark", **extra)).outputs[0]
+        a = np.asarray(plain.image if isinstance(plain, ImageOutput) else plain.frames[-1])
+        b = np.asarray(negative.image if isinstance(negative, ImageOutput) else negative.frames[-1])
+        assert not np.array_equal(a, b), f"{family}/{model} ignored its negative prompt"
