@@ -83,6 +83,12 @@ class ModelNotInstalled(UnavailableError):
     code = "model_not_installed"
 
 
+class ModelUnavailable(UnavailableError):
+    """The model is listed (status coming_soon) but cannot be used yet."""
+
+    code = "model_unavailable"
+
+
 class ModelLoadFailed(UnavailableError):
     """The weights are present but could not be loaded (corrupt or incompatible checkpoint)."""
 

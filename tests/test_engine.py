@@ -262,3 +262,38 @@ def test_negative_prompt_changes_the_output_where_the_model_uses_one(toys_dir):
         a = np.asarray(plain.image if isinstance(plain, ImageOutput) else plain.frames[-1])
         b = np.asarray(negative.image if isinstance(negative, ImageOutput) else negative.frames[-1])
         assert not np.array_equal(a, b), f"{family}/{model} ignored its negative prompt"
+
+
+def test_wan_720p_comes_out_at_exactly_1280x720(engine):
+    result = engine.generate(request("wan", "default", "i2v", fmt="720p", duration=0.5, steps=10, seed=1))
+    assert result.outputs[0].size == (1280, 720) and (result.width, result.height) == (1280, 720)
+
+
+@pytest.mark.parametrize(("family", "model", "task"), [("flux", "dev", "i2i"), ("flux", "dev", "edit"), ("zimage", "turbo", "i2i")])
+def test_batches_with_an_input_image_keep_the_seed_plus_i_rule(engine, family, model, task):
+    steps = min_steps(engine, family, model)
+    events = []
+    batch = engine.generate(request(family, model, task, steps=steps, seed=100, num_outputs=2), on_step=events.append)
+    alone = engine.generate(request(family, model, task, steps=steps, seed=101))
+    assert np.array_equal(pixels(batch.outputs[1]), pixels(alone.outputs[0]))
+    assert [e.step for e in events] == list(range(1, len(events) + 1)) and events[-1].step == events[-1].total
+
+
+def test_a_request_waiting_for_the_model_can_be_cancelled(engine):
+    loaded = engine.load(engine.catalog.models["flux/dev"])
+    cancel = threading.Event()
+    errors: list[BaseException] = []
+
+    def waiting():
+        try:
+            engine.generate(request(steps=15, seed=1), cancel=cancel)
+        except BaseException as exc:  # surfaced below
+            errors.append(exc)
+
+    with loaded.lock:  # another request holds the model
+        thread = threading.Thread(target=waiting)
+        thread.start()
+        cancel.set()
+        thread.join(timeout=10)
+        assert not thread.is_alive()
+    assert len(errors) == 1 and isinstance(errors[0], GenerationCancelled)

@@ -100,7 +100,6 @@ def test_rejections(default_catalog, kw, error, message):
     (dict(num_outputs=5), "num_outputs"),
     (dict(task="upscale"), "task"),
     (dict(strength=1.5), "strength"),
-    (dict(prompt="x" * 5001), "prompt"),
     (dict(colour="red"), "colour"),
 ])
 def test_out_of_bounds_fields_are_invalid_parameters(kw, field):
@@ -141,3 +140,104 @@ def test_request_is_never_mutated(default_catalog):
     assert request.model_dump() == before
     with pytest.raises(Exception):
         request.prompt = "changed"  # frozen
+
+
+def test_a_too_long_prompt_is_an_invalid_prompt():
+    with pytest.raises(InvalidPrompt, match="Prompt too long \\(max 5000 chars\\)"):
+        req(prompt="x" * 5001)
+
+
+@pytest.mark.parametrize(("kw", "message"), [
+    (dict(guidance=150.0), "between 2.0 and 5.0 for flux/dev"),
+    (dict(steps=5000), "between 15 and 50 for flux/dev"),
+    (dict(family="wan", model="default", task="t2v", format="480p", duration=90.0), "between 0.5 s and 10.0 s"),
+])
+def test_large_values_get_the_model_range_in_the_message(default_catalog, kw, message):
+    with pytest.raises(InvalidParameters, match=message):
+        plan_request(req(**kw), default_catalog)
+
+
+@pytest.mark.parametrize("field", ["guidance", "strength", "duration"])
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_non_finite_numbers_are_refused(field, value):
+    with pytest.raises(InvalidParameters, match=field):
+        req(**{field: value})
+
+
+def test_a_strength_that_runs_no_step_is_refused_before_loading(default_catalog):
+    with pytest.raises(InvalidParameters, match="runs no step; use a strength of at least 0.0357"):
+        plan_request(req(task="i2i", image=png(), strength=1e-300), default_catalog)
+    assert plan_request(req(task="i2i", image=png(), strength=0.04), default_catalog).strength == 0.04
+
+
+def test_coming_soon_models_are_refused(tmp_path):
+    import tomllib
+
+    from kiln.catalog import DEFAULT_CATALOG, parse_catalog
+    from kiln.errors import ModelUnavailable
+
+    raw = tomllib.loads(DEFAULT_CATALOG.read_text())
+    raw["models"][1]["status"] = "coming_soon"
+    with pytest.raises(ModelUnavailable, match="flux/dev is announced"):
+        plan_request(req(), parse_catalog(raw, base_dir=tmp_path))
+
+
+def _encoded(img, fmt, **save) -> bytes:
+    import io
+
+    buf = io.BytesIO()
+    img.save(buf, fmt, **save)
+    return buf.getvalue()
+
+
+def test_exif_orientation_is_applied_before_the_mask_check(default_catalog):
+    from PIL import Image
+
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90: stored 64x32, shown 32x64
+    jpeg = _encoded(Image.new("RGB", (64, 32), (200, 10, 10)), "JPEG", exif=exif)
+    plan = plan_request(req(task="edit", image=jpeg, mask=mask_png(32, 64)), default_catalog)
+    assert plan.image.size == (32, 64)
+
+
+def test_phone_jpegs_with_an_mpo_frame_are_accepted(default_catalog):
+    from PIL import Image
+
+    mpo = _encoded(Image.new("RGB", (48, 32), (10, 200, 10)), "MPO", save_all=True,
+                   append_images=[Image.new("RGB", (48, 32), (0, 0, 0))])
+    assert plan_request(req(task="i2i", image=mpo), default_catalog).image.size == (48, 32)
+
+
+def test_sixteen_bit_and_transparent_inputs_are_scaled_not_clipped(default_catalog):
+    import numpy as np
+    from PIL import Image
+
+    grey16 = Image.fromarray(np.full((32, 32), 30000, dtype=np.uint16))
+    mask16 = Image.fromarray(np.full((32, 32), 30000, dtype=np.uint16))
+    plan = plan_request(req(task="edit", image=_encoded(grey16, "PNG"), mask=_encoded(mask16, "PNG")), default_catalog)
+    assert abs(int(np.asarray(plan.mask).max()) - 117) <= 1  # 30000/65535 of 255, not clipped to 255
+    assert abs(int(np.asarray(plan.image).max()) - 117) <= 1
+    clear = Image.new("RGBA", (32, 32), (255, 0, 0, 0))  # fully transparent mask pixels: keep
+    assert int(np.asarray(plan_request(req(task="edit", image=png(32, 32), mask=_encoded(clear, "PNG")), default_catalog).mask).max()) == 0
+
+
+def test_a_sliver_image_is_fitted_without_a_huge_intermediate():
+    import tracemalloc
+
+    from PIL import Image
+
+    from kiln.engine.families.base import fit_to
+
+    sliver = Image.new("RGB", (1, 4096), (5, 5, 5))
+    tracemalloc.start()
+    fitted = fit_to(sliver, 1024, 1024)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert fitted.size == (1024, 1024) and peak < 64 * 2**20
+
+
+def test_generation_size_is_rounded_up_to_the_architecture_multiple(default_catalog):
+    plan = plan_request(req(family="wan", model="default", task="t2v", format="720p"), default_catalog)
+    assert (plan.width, plan.height, plan.gen_width, plan.gen_height) == (1280, 720, 1280, 736)
+    plan = plan_request(req(format="landscape-wide"), default_catalog)
+    assert (plan.gen_width, plan.gen_height) == (1024, 576)

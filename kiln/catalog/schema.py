@@ -150,11 +150,3 @@ class ModelSpec(_Strict):
             return None
         src = Path(self.source).expanduser()
         return src if src.is_absolute() else (self.base_dir or Path.cwd()) / src
-
-    @property
-    def default_sampler(self) -> str | None:
-        return self.samplers[0] if self.samplers else None
-
-    @property
-    def default_scheduler(self) -> str | None:
-        return self.schedulers[0] if self.schedulers else None

@@ -29,12 +29,14 @@ import io
 import numbers
 import os
 import tempfile
-import threading
 from fractions import Fraction
 from typing import Sequence, Union
 
 import numpy as np
-from PIL import Image, ImageFile
+from PIL import Image
+
+from kiln.engine.pixels import PixelError, to_rgb8
+from kiln.errors import UnsupportedFormat
 
 __all__ = [
     "EncodeError",
@@ -89,10 +91,7 @@ _WEBP_MAX_DIM = 16383
 _JPEG_MAX_DIM = 65535
 _MAX_FPS = 240
 
-_load_lock = threading.Lock()
-
-
-class EncodeError(ValueError):
+class EncodeError(UnsupportedFormat, ValueError):
     """Unsupported output format or input that cannot be encoded."""
 
 
@@ -109,81 +108,16 @@ def _norm_format(fmt: object, allowed: Sequence[str]) -> str:
     return key
 
 
-def _is_srgb_profile(icc: bytes) -> bool:
-    from PIL import ImageCms
-
-    prof = ImageCms.ImageCmsProfile(io.BytesIO(icc))
-    desc = (ImageCms.getProfileDescription(prof) or "").lower()
-    return "srgb" in desc or "iec 61966-2" in desc or "iec61966-2" in desc
+def media_type(fmt: str) -> str:
+    """The Content-Type for an output format name (``webp``, ``png``, ``jpeg``/``jpg``, ``mp4``)."""
+    return MEDIA_TYPES[_norm_format(fmt, tuple(MEDIA_TYPES))]
 
 
-def _to_srgb(image: Image.Image, icc: bytes | None) -> Image.Image:
-    """Convert an RGB / L / CMYK image tagged with a non-sRGB ICC profile to sRGB RGB.
-
-    Untagged and sRGB-tagged images are returned unchanged.  A profile that
-    cannot be parsed or does not fit the pixel mode is ignored (the pixels are
-    taken as sRGB) rather than failing the whole encode.
-    """
-    if not icc or image.mode not in ("RGB", "L", "CMYK"):
-        return image
+def _rgb8(image: Image.Image) -> Image.Image:
     try:
-        from PIL import ImageCms
-
-        src = ImageCms.ImageCmsProfile(io.BytesIO(icc))
-        desc = (ImageCms.getProfileDescription(src) or "").lower()
-        if "srgb" in desc or "61966-2" in desc:
-            return image
-        return ImageCms.profileToProfile(image, src, ImageCms.createProfile("sRGB"), outputMode="RGB")
-    except Exception:  # noqa: BLE001 - ImageCms raises several unrelated types
-        return image
-
-
-def _flatten_alpha(rgba: Image.Image) -> Image.Image:
-    """RGBA -> RGB composited over white (alpha dropped as-is when fully opaque)."""
-    if rgba.getchannel("A").getextrema() == (255, 255):
-        return rgba.convert("RGB")
-    white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-    return Image.alpha_composite(white, rgba).convert("RGB")
-
-
-def _to_rgb8(image: Image.Image) -> Image.Image:
-    """Return a *new* 8-bit sRGB ``RGB`` image with empty ``info``; never mutates ``image``."""
-    if not isinstance(image, Image.Image):
-        raise EncodeError(f"expected a PIL.Image.Image, got {type(image).__name__}")
-    if image.width < 1 or image.height < 1:
-        raise EncodeError(f"image has no pixels ({image.width}x{image.height})")
-    if isinstance(image, ImageFile.ImageFile):
-        with _load_lock:  # ImageFile.load() mutates the shared object
-            image.load()
-
-    mode, icc = image.mode, image.info.get("icc_profile")
-    if mode == "F":
-        raise EncodeError("32-bit float images ('F') have no defined range; convert to 8-bit first")
-    if mode.startswith("I;16") or mode == "I":
-        arr = np.asarray(image).astype(np.int64)
-        if mode.startswith("I;16") or int(arr.max(initial=0)) > 255:
-            arr = (np.clip(arr, 0, 65535) * 255 + 32767) // 65535  # 16-bit -> 8-bit, rounded
-        gray = np.clip(arr, 0, 255).astype(np.uint8)
-        out = Image.fromarray(np.repeat(gray[..., None], 3, axis=2), "RGB")
-    else:
-        try:
-            if mode in ("RGBA", "LA", "PA", "RGBa", "La") or (mode in ("P", "L", "1") and image.has_transparency_data):
-                work = _flatten_alpha(image.convert("RGBA"))
-            elif mode in ("RGB", "L", "CMYK"):
-                work = image
-            else:  # P, 1, RGBX, YCbCr, LAB, HSV, ...
-                work = image.convert("RGB")
-            work = _to_srgb(work, icc)
-            # copy() when nothing above made a new image: the result must be a
-            # private object, because Image.save() stores per-call state
-            # (encoderinfo) on it and callers may share their image across threads.
-            out = work.convert("RGB") if work.mode != "RGB" else (work.copy() if work is image else work)
-        except (ValueError, OSError) as exc:
-            raise EncodeError(f"cannot convert image mode {mode!r} to RGB: {exc}") from exc
-    # Pillow's PNG writer falls back to ``im.info`` for icc_profile,
-    # transparency and dpi: clear it so no stale metadata reaches the output.
-    out.info = {}
-    return out
+        return to_rgb8(image)
+    except PixelError as exc:
+        raise EncodeError(str(exc)) from exc
 
 
 def _check_quality(quality: object) -> int:
@@ -208,7 +142,7 @@ def encode_image(image: Image.Image, fmt: str = "webp", quality: int = 90) -> by
     """
     key = _norm_format(fmt, IMAGE_FORMATS)
     q = _check_quality(quality)
-    rgb = _to_rgb8(image)
+    rgb = _rgb8(image)
     w, h = rgb.size
     if key == "webp" and max(w, h) > _WEBP_MAX_DIM:
         raise EncodeError(f"{w}x{h} exceeds WebP's {_WEBP_MAX_DIM}px limit")
@@ -265,7 +199,7 @@ def _frames_to_array(frames: FrameInput) -> np.ndarray | list[np.ndarray]:
     out: list[np.ndarray] = []
     for i, fr in enumerate(frames):
         if isinstance(fr, Image.Image):
-            arr = np.asarray(_to_rgb8(fr))
+            arr = np.asarray(_rgb8(fr))
         elif isinstance(fr, np.ndarray):
             if fr.ndim != 3 or fr.shape[-1] != 3 or fr.dtype != np.uint8:
                 raise EncodeError(f"frame {i}: expected (H, W, 3) uint8 array, got {fr.shape} {fr.dtype}")

@@ -9,12 +9,11 @@ stops between steps when asked to.
 from __future__ import annotations
 
 import logging
-import math
 import threading
 import time
 import warnings
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -23,11 +22,12 @@ from PIL import Image
 from kiln.catalog import Catalog, ModelSpec
 from kiln.engine import weights
 from kiln.engine.families import Adapter, adapter_for
+from kiln.engine.families.base import crop_centre
 from kiln.engine.outputs import ImageOutput, Output, VideoOutput
 from kiln.engine.plan import Plan, plan_request
 from kiln.engine.previews import LatentPreviewer
 from kiln.engine.request import GenerationRequest
-from kiln.engine.samplers import make_scheduler, step_completed
+from kiln.engine.samplers import make_scheduler, step_completed, total_steps
 from kiln.errors import GenerationCancelled, GenerationError, KilnError, ModelLoadFailed, OutOfMemory
 
 log = logging.getLogger(__name__)
@@ -125,9 +125,10 @@ class Engine:
                 return self._models[spec.key]
             lock = self._load_locks.setdefault(spec.key, threading.Lock())
         with lock:
-            if spec.key not in self._models:
-                self._models[spec.key] = self._load(spec)
-        return self._models[spec.key]
+            loaded = self._models.get(spec.key)
+            if loaded is None:
+                loaded = self._models[spec.key] = self._load(spec)
+            return loaded
 
     def unload(self, key: str) -> None:
         with self._guard:
@@ -195,18 +196,23 @@ class Engine:
         plan = self.plan(request)
         _check_cancel(cancel)
         loaded = self.load(plan.spec)
-        with loaded.lock:
-            _check_cancel(cancel)
+        parts = _parts(plan)
+        _acquire(loaded.lock, cancel)
+        try:
             started = time.perf_counter()
-            output = self._run(loaded, plan, on_step, cancel, previews)
+            progress = _Progress(loaded, plan, on_step, cancel, previews, runs=len(parts))
+            pictures: list[Image.Image] = []
+            for part in parts:
+                pictures.extend(loaded.adapter.images(self._run(loaded, part, progress), part))
             elapsed_ms = round((time.perf_counter() - started) * 1000)
-        return self._result(loaded, plan, output, elapsed_ms)
+        finally:
+            loaded.lock.release()
+        return self._result(plan, pictures, elapsed_ms)
 
-    def _run(self, loaded: LoadedModel, plan: Plan, on_step, cancel, previews) -> Any:
+    def _run(self, loaded: LoadedModel, plan: Plan, progress: _Progress) -> Any:
         pipe = loaded.pipelines[plan.task]
         pipe.scheduler = loaded.new_scheduler(plan)
         adapter = loaded.adapter
-        progress = _Progress(loaded, pipe, plan, on_step, cancel, previews)
         kwargs = adapter.call_kwargs(plan, pipe)
         kwargs.update(
             num_inference_steps=plan.steps,
@@ -227,8 +233,8 @@ class Engine:
             log.exception("generation failed for %s %s", plan.spec.key, plan.task)
             raise GenerationError(f"{plan.spec.key} {plan.task} failed: {type(exc).__name__}") from exc
 
-    def _result(self, loaded: LoadedModel, plan: Plan, output: Any, elapsed_ms: int) -> GenerationResult:
-        pictures = loaded.adapter.images(output, plan)
+    def _result(self, plan: Plan, pictures: list[Image.Image], elapsed_ms: int) -> GenerationResult:
+        pictures = [crop_centre(p, plan.width, plan.height) for p in pictures]
         outputs: list[Output]
         if plan.spec.modality == "video":
             outputs = [VideoOutput(frames=pictures, fps=plan.fps or 24, seed=plan.seed)]
@@ -258,10 +264,14 @@ def _check_cancel(cancel: threading.Event | None) -> None:
 
 
 class _Progress:
-    """``callback_on_step_end`` for diffusers: counts user-visible steps, previews, cancels."""
+    """``callback_on_step_end`` for diffusers: counts user-visible steps, previews, cancels.
 
-    def __init__(self, loaded: LoadedModel, pipe: Any, plan: Plan, on_step, cancel, previews: bool) -> None:
-        self.loaded, self.pipe, self.plan = loaded, pipe, plan
+    One object spans every pipeline call of a request (``runs`` of them), so steps count on
+    across calls and ``total`` covers them all.
+    """
+
+    def __init__(self, loaded: LoadedModel, plan: Plan, on_step, cancel, previews: bool, runs: int = 1) -> None:
+        self.loaded, self.plan, self.runs = loaded, plan, runs
         self.on_step, self.cancel, self.previews = on_step, cancel, previews
         self.step = 0
         self.total: int | None = None
@@ -269,8 +279,7 @@ class _Progress:
     def __call__(self, pipe: Any, index: int, timestep: Any, tensors: dict[str, Any]) -> dict[str, Any]:
         scheduler = pipe.scheduler
         if self.total is None:
-            begin = getattr(scheduler, "begin_index", None) or 0
-            self.total = math.ceil((len(scheduler.timesteps) - begin) / getattr(scheduler, "order", 1))
+            self.total = total_steps(scheduler) * self.runs
         if step_completed(scheduler):
             self.step += 1
             if self.on_step is not None:
@@ -281,3 +290,27 @@ class _Progress:
                 self.on_step(StepEvent(step=self.step, total=self.total, preview=preview))
         _check_cancel(self.cancel)
         return {}
+
+
+def _parts(plan: Plan) -> list[Plan]:
+    """The pipeline calls one request takes.
+
+    diffusers' img2img and inpaint pipelines encode the input image with the first generator only,
+    so in a batch output *i* would not be what seed *s + i* gives alone; those requests run one
+    call per seed. Everything else runs as one batch.
+    """
+    if plan.image is None or plan.num_outputs == 1:
+        return [plan]
+    return [replace(plan, seed=seed, num_outputs=1) for seed in plan.seeds]
+
+
+def _acquire(lock: threading.Lock, cancel: threading.Event | None) -> None:
+    """Wait for the model's lock, giving up as soon as ``cancel`` is set."""
+    if cancel is None:
+        lock.acquire()
+        return
+    while not lock.acquire(timeout=0.05):
+        _check_cancel(cancel)
+    if cancel.is_set():
+        lock.release()
+        _check_cancel(cancel)

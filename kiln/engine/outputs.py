@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 
 from PIL import Image
 
-from kiln.engine.encode import MEDIA_TYPES, encode_image, encode_video
+from kiln.engine.encode import EncodeError, encode_image, encode_video, media_type
 
 
 @dataclass(frozen=True)
@@ -14,15 +14,13 @@ class ImageOutput:
     image: Image.Image
     seed: int
 
-    default_format = "webp"
-
     def encode(self, fmt: str = "webp") -> bytes:
         """WebP quality 90 by default (the render API's output); ``png`` and ``jpeg`` for other dialects."""
         return encode_image(self.image, fmt)
 
     @staticmethod
     def media_type(fmt: str = "webp") -> str:
-        return MEDIA_TYPES[fmt]
+        return media_type(fmt)
 
 
 @dataclass(frozen=True)
@@ -31,19 +29,15 @@ class VideoOutput:
     fps: int
     seed: int
 
-    default_format = "mp4"
-
     def encode(self, fmt: str = "mp4") -> bytes:
         """MP4, H.264, 8-bit 4:2:0, at ``fps`` frames per second with every frame kept."""
-        if fmt != "mp4":
-            from kiln.engine.encode import EncodeError
-
+        if media_type(fmt) != "video/mp4":
             raise EncodeError(f"videos are encoded as mp4, not {fmt!r}")
         return encode_video(self.frames, fps=self.fps)
 
     @staticmethod
     def media_type(fmt: str = "mp4") -> str:
-        return MEDIA_TYPES[fmt]
+        return media_type(fmt)
 
     @property
     def size(self) -> tuple[int, int]:

@@ -13,12 +13,13 @@ import math
 import secrets
 from dataclasses import dataclass
 
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from kiln.catalog import KNOWN_SAMPLERS, KNOWN_SCHEDULERS, TASKS_NEEDING_IMAGE, Catalog, ModelSpec
 from kiln.engine.families import adapter_for
+from kiln.engine.pixels import PixelError, to_mask8, to_rgb8
 from kiln.engine.request import MAX_SEED, MIN_PROMPT_CHARS, GenerationRequest
-from kiln.errors import InvalidImage, InvalidParameters, InvalidPrompt
+from kiln.errors import InvalidImage, InvalidParameters, InvalidPrompt, ModelUnavailable
 
 MAX_INPUT_SIDE = 4096
 DEFAULT_STRENGTH = {"i2i": 0.7, "edit": 1.0}
@@ -34,6 +35,10 @@ class Plan:
     task: str
     width: int
     height: int
+    # What the pipeline is asked for: the format's size rounded up to the architecture's multiple
+    # (WAN's 720p is 1280x720, its latents need 1280x736); outputs are centre-cropped back.
+    gen_width: int
+    gen_height: int
     prompt: str
     negative_prompt: str | None
     steps: int
@@ -56,11 +61,15 @@ class Plan:
 
 def plan_request(request: GenerationRequest, catalog: Catalog) -> Plan:
     spec = catalog.resolve(request.family, request.model)
+    if spec.status == "coming_soon":
+        raise ModelUnavailable(f"{spec.key} is announced but not available yet")
     catalog.check_task(spec, request.task)
     width, height = catalog.size_of(spec, request.format)
     adapter = adapter_for(spec)
+    multiple = adapter.size_multiple
 
-    strength = _strength(request, spec, adapter.strength_tasks)
+    steps = _steps(request.steps, spec)
+    strength = _strength(request, spec, adapter.strength_tasks, steps)
     prompt = _prompt(request, strength)
     if request.negative_prompt and not spec.negative_prompt:
         raise InvalidParameters(f"{spec.key} does not use a negative prompt; leave negative_prompt out")
@@ -82,9 +91,11 @@ def plan_request(request: GenerationRequest, catalog: Catalog) -> Plan:
         task=request.task,
         width=width,
         height=height,
+        gen_width=-(-width // multiple) * multiple,
+        gen_height=-(-height // multiple) * multiple,
         prompt=prompt,
         negative_prompt=request.negative_prompt or None,
-        steps=_steps(request.steps, spec),
+        steps=steps,
         guidance=_guidance(request.guidance, spec),
         seed=request.seed if request.seed is not None else secrets.randbelow(MAX_SEED + 1),
         sampler=_choice("sampler", request.sampler, spec.samplers, KNOWN_SAMPLERS, spec.key),
@@ -155,13 +166,19 @@ def _choice(what: str, value: str | None, allowed: list[str], known: tuple[str, 
     return value
 
 
-def _strength(request: GenerationRequest, spec: ModelSpec, strength_tasks: frozenset[str]) -> float | None:
+def _strength(request: GenerationRequest, spec: ModelSpec, strength_tasks: frozenset[str], steps: int) -> float | None:
     if request.task not in strength_tasks:
         if request.strength is not None:
             where = f"{spec.key} {request.task}" if request.task in ("i2i", "edit") else request.task
             raise InvalidParameters(f"strength does not apply to {where}; leave it out")
         return None
-    return request.strength if request.strength is not None else DEFAULT_STRENGTH[request.task]
+    strength = request.strength if request.strength is not None else DEFAULT_STRENGTH[request.task]
+    # diffusers runs the last n - int(n - n*strength) of n steps; none at all is an error it raises late.
+    if steps - int(steps - steps * strength) < 1:
+        raise InvalidParameters(
+            f"strength {strength} with {steps} steps runs no step; use a strength of at least {1 / steps:.3g}"
+        )
+    return strength
 
 
 def _in_range(name: str, value: float | None, rng, key: str, unit: str = "") -> float:
@@ -192,18 +209,27 @@ def _images(request: GenerationRequest) -> tuple[Image.Image | None, Image.Image
     return image, mask
 
 
+# MPO is how phones store JPEGs with a depth or preview frame; its first frame is the JPEG.
+ACCEPTED_TYPES = ("PNG", "JPEG", "MPO", "WEBP")
+
+
 def _decode(data: bytes, what: str, mode: str) -> Image.Image:
+    """Decode an uploaded picture upright (EXIF orientation applied) as 8-bit sRGB RGB or an L mask.
+
+    The size is checked from the header, before any pixel is decoded.
+    """
     try:
         img = Image.open(io.BytesIO(data))
-        if img.format not in ("PNG", "JPEG", "WEBP"):
+        if img.format not in ACCEPTED_TYPES:
             raise InvalidImage(f"the {what} is {img.format or 'of an unknown type'}; send PNG, JPEG or WebP")
         if max(img.size) > MAX_INPUT_SIDE or min(img.size) < 1:
             raise InvalidImage(f"the {what} is {img.width}x{img.height}; at most {MAX_INPUT_SIDE}x{MAX_INPUT_SIDE}")
         img.load()
+        img = ImageOps.exif_transpose(img)
+        return to_mask8(img) if mode == "L" else to_rgb8(img)
     except InvalidImage:
         raise
+    except PixelError as exc:
+        raise InvalidImage(f"the {what} cannot be used: {exc}") from exc
     except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as exc:
         raise InvalidImage(f"the {what} could not be read as an image ({type(exc).__name__})") from exc
-    if img.mode != mode:
-        img = img.convert("RGBA").convert(mode) if img.mode in ("P", "LA") else img.convert(mode)
-    return img

@@ -12,7 +12,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from kiln.errors import InvalidParameters
+from kiln.errors import InvalidParameters, InvalidPrompt
 
 Task = Literal["t2i", "i2i", "edit", "t2v", "i2v"]
 
@@ -33,16 +33,17 @@ class GenerationRequest(BaseModel):
     format: str = Field(min_length=1, max_length=32, description="a name from the catalog's format table")
     prompt: str = Field(default="", max_length=MAX_PROMPT_CHARS)
     negative_prompt: str | None = Field(default=None, max_length=MAX_PROMPT_CHARS)
-    steps: int | None = Field(default=None, ge=1, le=1000)
-    guidance: float | None = Field(default=None, ge=0.0, le=100.0)
+    # Upper bounds of steps, guidance and duration are the model's and are checked with its name.
+    steps: int | None = Field(default=None, ge=1)
+    guidance: float | None = Field(default=None, ge=0.0, allow_inf_nan=False)
     seed: int | None = Field(default=None, ge=0, le=MAX_SEED)
     sampler: str | None = None
     scheduler: str | None = None
-    strength: float | None = Field(default=None, gt=0.0, le=1.0, description="i2i/edit: how much to change")
+    strength: float | None = Field(default=None, gt=0.0, le=1.0, allow_inf_nan=False, description="i2i/edit: how much to change")
     image: bytes | None = Field(default=None, repr=False, description="encoded input image (PNG, JPEG, WebP)")
     mask: bytes | None = Field(default=None, repr=False, description="edit: white = regenerate, black = keep")
     num_outputs: int = Field(default=1, ge=1, le=MAX_OUTPUTS)
-    duration: float | None = Field(default=None, gt=0.0, le=60.0, description="video length in seconds")
+    duration: float | None = Field(default=None, gt=0.0, allow_inf_nan=False, description="video length in seconds")
 
     @classmethod
     def create(cls, **fields: object) -> GenerationRequest:
@@ -50,6 +51,12 @@ class GenerationRequest(BaseModel):
         try:
             return cls(**fields)
         except ValidationError as exc:
+            if any(e["loc"][:1] in (("prompt",), ("negative_prompt",)) for e in exc.errors()):
+                raise InvalidPrompt(
+                    f"Prompt too long (max {MAX_PROMPT_CHARS} chars)"
+                    if any(e["type"] == "string_too_long" for e in exc.errors())
+                    else describe_validation_error(exc)
+                ) from exc
             raise InvalidParameters(describe_validation_error(exc), details={"errors": _clean(exc)}) from exc
 
 

@@ -28,6 +28,8 @@ class Adapter:
     strength_tasks: ClassVar[frozenset[str]] = frozenset()
     # Name of the pipeline argument that sets the number of outputs.
     count_argument: ClassVar[str] = "num_images_per_prompt"
+    # Width and height the pipeline accepts are multiples of this (VAE factor x latent patch).
+    size_multiple: ClassVar[int] = 16
 
     def call_kwargs(self, plan: Plan, pipe: Any) -> dict[str, Any]:
         """Arguments for ``pipe(...)`` beyond the ones every pipeline shares (see the engine)."""
@@ -38,14 +40,14 @@ class Adapter:
             # Heun's doubled timesteps would otherwise shift where img2img starts.
             kwargs["strength"] = pipeline_strength(pipe.scheduler, plan.strength, plan.steps)
         if plan.image is not None:
-            kwargs["image"] = fit_to(plan.image, plan.width, plan.height)
+            kwargs["image"] = fit_to(plan.image, plan.gen_width, plan.gen_height)
         if plan.mask is not None:
-            kwargs["mask_image"] = fit_to(plan.mask, plan.width, plan.height)
+            kwargs["mask_image"] = fit_to(plan.mask, plan.gen_width, plan.gen_height)
         return kwargs
 
     def prompt_kwargs(self, plan: Plan) -> dict[str, Any]:
         """Prompt and size: what every pipeline of every family takes, by keyword."""
-        kwargs: dict[str, Any] = {"prompt": plan.prompt, "height": plan.height, "width": plan.width}
+        kwargs: dict[str, Any] = {"prompt": plan.prompt, "height": plan.gen_height, "width": plan.gen_width}
         if plan.spec.max_sequence_length is not None:
             kwargs["max_sequence_length"] = plan.spec.max_sequence_length
         return kwargs
@@ -64,15 +66,25 @@ class Adapter:
 
 
 def fit_to(image: Image.Image, width: int, height: int) -> Image.Image:
-    """Scale ``image`` to cover ``width``x``height`` and crop the centre, keeping its aspect ratio."""
+    """Scale ``image`` to cover ``width``x``height`` and crop the centre, keeping its aspect ratio.
+
+    Only the kept region is resampled, so a 1x4096 input costs no more than a square one.
+    """
     if image.size == (width, height):
         return image
     scale = max(width / image.width, height / image.height)
-    w, h = max(width, round(image.width * scale)), max(height, round(image.height * scale))
+    crop_w, crop_h = width / scale, height / scale
+    left, top = (image.width - crop_w) / 2, (image.height - crop_h) / 2
     resample = Image.Resampling.NEAREST if image.mode == "L" else Image.Resampling.LANCZOS
-    resized = image.resize((w, h), resample)
-    left, top = (w - width) // 2, (h - height) // 2
-    return resized.crop((left, top, left + width, top + height))
+    return image.resize((width, height), resample, box=(left, top, left + crop_w, top + crop_h))
+
+
+def crop_centre(image: Image.Image, width: int, height: int) -> Image.Image:
+    """The centre ``width``x``height`` of ``image`` (outputs generated at a rounded-up size)."""
+    if image.size == (width, height):
+        return image
+    left, top = (image.width - width) // 2, (image.height - height) // 2
+    return image.crop((left, top, left + width, top + height))
 
 
 def frames_from_array(video: np.ndarray) -> list[Image.Image]:

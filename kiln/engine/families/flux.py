@@ -22,7 +22,7 @@ class FluxAdapter(Adapter):
         return kwargs
 
     def spatial_latents(self, pipe, latents, plan) -> torch.Tensor:
-        return pipe._unpack_latents(latents, plan.height, plan.width, pipe.vae_scale_factor)
+        return pipe._unpack_latents(latents, plan.gen_height, plan.gen_width, pipe.vae_scale_factor)
 
     def encode_for_preview(self, pipe, image) -> torch.Tensor:
         cfg = pipe.vae.config

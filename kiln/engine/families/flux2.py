@@ -17,14 +17,14 @@ class Flux2Adapter(Adapter):
     def call_kwargs(self, plan, pipe) -> dict[str, Any]:
         kwargs = self.prompt_kwargs(plan)
         if plan.image is not None:
-            kwargs["image"] = [fit_to(plan.image, plan.width, plan.height)]
+            kwargs["image"] = [fit_to(plan.image, plan.gen_width, plan.gen_height)]
         return kwargs
 
     def spatial_latents(self, pipe, latents, plan) -> torch.Tensor:
         # Packed row-major: (B, h*w, C) with one token per 2x2 patch of the VAE latent.
         scale = pipe.vae_scale_factor * 2
         b, _, c = latents.shape
-        return latents.view(b, plan.height // scale, plan.width // scale, c).permute(0, 3, 1, 2)
+        return latents.view(b, plan.gen_height // scale, plan.gen_width // scale, c).permute(0, 3, 1, 2)
 
     def encode_for_preview(self, pipe, image) -> torch.Tensor:
         return pipe._encode_vae_image(image, generator=None)

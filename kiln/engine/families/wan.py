@@ -13,6 +13,7 @@ class WanAdapter(Adapter):
     name = "wan"
     pipeline_classes = frozenset({"WanPipeline", "WanImageToVideoPipeline"})
     count_argument = "num_videos_per_prompt"
+    size_multiple = 32  # VAE 16 x patch 2
 
     def call_kwargs(self, plan, pipe) -> dict[str, Any]:
         kwargs = self.prompt_kwargs(plan)
@@ -20,7 +21,7 @@ class WanAdapter(Adapter):
         if plan.negative_prompt:
             kwargs["negative_prompt"] = plan.negative_prompt
         if plan.image is not None:
-            kwargs["image"] = fit_to(plan.image, plan.width, plan.height)
+            kwargs["image"] = fit_to(plan.image, plan.gen_width, plan.gen_height)
         return kwargs
 
     def spatial_latents(self, pipe, latents, plan) -> torch.Tensor:
