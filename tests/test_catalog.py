@@ -94,6 +94,10 @@ def _broken(mutate) -> dict:
     (lambda r: r["models"][1].update(model="dev2"), "twice"),
     (lambda r: r["models"][0].update(pipelines={"t2v": "WanPipeline"}), "modality"),
     (lambda r: r.update(default_model="flux/nope"), "default_model"),
+    (lambda r: r.update(models={"family": "flux"}), r"\[\[models\]\]"),
+    (lambda r: r.update(models=[1]), r"\[\[models\]\]"),
+    (lambda r: r["formats"].update(image=5), "malformed"),
+    (lambda r: r.update(aliases=["latest"]), "malformed"),
 ])
 def test_bad_catalogs_are_refused_with_the_entry_named(tmp_path, mutate, message):
     with pytest.raises(CatalogError, match=message):

@@ -78,6 +78,8 @@ def test_generate_i2i_from_a_file(catalog_file, tmp_path):
     (["--task", "edit", "--image", "/nonexistent.png"], "cannot read the image file"),
     (["-o", "out.mp4"], "cannot write image"),
     (["--model", "flux/dev9"], "unknown model flux/dev9"),
+    (["-o", "/nonexistent-dir/out.webp"], "is not a directory"),
+    (["--model", "wan/default", "--format", "480p", "--task", "i2v"], "i2v needs an input image"),
 ])
 def test_bad_input_exits_2_with_a_message(catalog_file, capsys, args, message):
     code = main(["--catalog", str(catalog_file), "generate", "a red circle", "--model", "flux/dev", *args])
@@ -152,3 +154,11 @@ def test_pull_of_a_local_checkpoint_needs_no_download(toys_dir, tmp_path, capsys
     assert "local checkpoint" in capsys.readouterr().err
     assert main(["--catalog", str(catalog), "generate", "a red circle", "-m", "flux/dev", "-f", "512"]) == 3
     assert f"no checkpoint at {tmp_path / 'missing'}" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_video_model_without_an_image_defaults_to_text_to_video(catalog_file, tmp_path, capsys):
+    out = tmp_path / "v.mp4"
+    assert main(["--catalog", str(catalog_file), "generate", "a ball rolls", "-m", "wan/default", "-f", "toy-64",
+                 "--duration", "0.5", "--steps", "10", "-o", str(out), "-q"]) == 0
+    assert "wan/default t2v" in capsys.readouterr().out

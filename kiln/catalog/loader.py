@@ -96,12 +96,23 @@ def load_catalog(path: str | Path | None = None) -> Catalog:
 
 def parse_catalog(raw: dict[str, Any], *, base_dir: Path, path: Path | None = None) -> Catalog:
     where = str(path) if path else "catalog"
+    try:
+        return _parse(raw, base_dir, path, where)
+    except (AttributeError, TypeError, KeyError, ValueError) as exc:
+        # a table where a list belongs ([models] for [[models]]), a number where a table belongs
+        raise CatalogError(f"{where}: malformed ({type(exc).__name__}: {exc}); see the header of default.toml") from exc
+
+
+def _parse(raw: dict[str, Any], base_dir: Path, path: Path | None, where: str) -> Catalog:
     unknown = set(raw) - {"aliases", "formats", "models", "default_model"}
     if unknown:
         raise CatalogError(f"{where}: unknown top-level keys {sorted(unknown)}")
     formats = _parse_formats(raw.get("formats", {}), where)
     models: dict[str, ModelSpec] = {}
-    for i, entry in enumerate(raw.get("models", [])):
+    entries = raw.get("models", [])
+    if not isinstance(entries, list) or not all(isinstance(e, dict) for e in entries):
+        raise CatalogError(f"{where}: models are [[models]] tables")
+    for i, entry in enumerate(entries):
         label = f"{where}: models[{i}] ({entry.get('family', '?')}/{entry.get('model', '?')})"
         try:
             spec = ModelSpec.model_validate({**entry, "base_dir": base_dir})
@@ -161,4 +172,5 @@ def _known(values: Iterable[str], known: tuple[str, ...], what: str, label: str)
 def _first_error(exc: ValidationError) -> str:
     err = exc.errors()[0]
     loc = ".".join(str(p) for p in err["loc"]) or "entry"
-    return f"{loc}: {err['msg']} (got {err.get('input')!r})"
+    got = err.get("input")
+    return f"{loc}: {err['msg']}" + ("" if isinstance(got, dict) else f" (got {got!r})")

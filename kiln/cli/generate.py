@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import sys
-import threading
 import time
 from pathlib import Path
 
 from kiln.catalog import load_catalog
-from kiln.errors import InvalidImage, InvalidParameters
+from kiln.errors import InvalidImage, InvalidParameters, ModelNotInstalled
 
 EXTENSIONS = {".webp": "webp", ".png": "png", ".jpg": "jpeg", ".jpeg": "jpeg", ".mp4": "mp4"}
 
@@ -17,7 +16,7 @@ def add_parser(sub) -> None:
     p = sub.add_parser("generate", help="generate an image or a video on this machine")
     p.add_argument("prompt", help="what to make")
     p.add_argument("--model", "-m", help="FAMILY/MODEL or FAMILY/ALIAS (default: the catalog's default model)")
-    p.add_argument("--task", "-t", help="t2i, i2i, edit, t2v or i2v (default: the model's first task)")
+    p.add_argument("--task", "-t", help="t2i, i2i, edit, t2v or i2v (default: t2i/t2v, or i2i/i2v with --image)")
     p.add_argument("--format", "-f", dest="fmt", help="output format name, e.g. 1024, 512, portrait, 480p")
     p.add_argument("--seed", type=int, help="0..4294967295 (default: random, printed)")
     p.add_argument("--steps", type=int, help="denoising steps (default: the model's)")
@@ -43,10 +42,12 @@ def run(args) -> int:
     catalog = load_catalog(args.catalog)
     spec = catalog.resolve_key(args.model or catalog.default_model)
     fmt_out = _output_format(args.output, spec.modality)
+    if args.output is not None and not args.output.parent.is_dir():
+        raise InvalidParameters(f"cannot write {args.output}: {args.output.parent} is not a directory")
     request = GenerationRequest.create(
         family=spec.family,
         model=spec.model,
-        task=args.task or spec.tasks[0],
+        task=args.task or _default_task(spec.tasks, has_image=args.image is not None),
         format=args.fmt or spec.formats[0],
         prompt=args.prompt,
         negative_prompt=args.negative_prompt,
@@ -63,17 +64,19 @@ def run(args) -> int:
     )
     engine = Engine(catalog)
     engine.plan(request)  # every user error surfaces before anything is built or loaded
-    if spec.toy and not engine.installed(spec):
-        print(f"{spec.key}: building the toy checkpoint on first use (random weights) ...", file=sys.stderr)
-        weights.pull(spec)
+    if not engine.installed(spec):
+        if spec.toy:
+            print(f"{spec.key}: building the toy checkpoint on first use (random weights) ...", file=sys.stderr)
+            weights.pull(spec)
+        elif spec.local_path is not None:
+            raise ModelNotInstalled(f"{spec.key} is not installed: no checkpoint at {spec.local_path}")
     if spec.random_weights:
         print(f"note: {spec.key} has random weights; its pictures are noise", file=sys.stderr)
 
     bar = _ProgressBar(disabled=args.quiet)
     started = time.perf_counter()
-    cancel = threading.Event()
     try:
-        result = engine.generate(request, on_step=bar.update, cancel=cancel)
+        result = engine.generate(request, on_step=bar.update)
     finally:
         bar.close()
     took = time.perf_counter() - started
@@ -86,6 +89,14 @@ def run(args) -> int:
     for path in paths:
         print(path)
     return 0
+
+
+def _default_task(tasks: list[str], *, has_image: bool) -> str:
+    """The model's first task that matches whether an input image was given."""
+    from kiln.catalog import TASKS_NEEDING_IMAGE
+
+    matching = [t for t in tasks if (t in TASKS_NEEDING_IMAGE) == has_image]
+    return (matching or tasks)[0]
 
 
 def _output_format(path: Path | None, modality: str) -> str:

@@ -21,7 +21,9 @@ def add_parsers(sub) -> None:
 def availability(spec: ModelSpec) -> str:
     path = weights.locate(spec)
     if path is None:
-        return f"not installed: kiln pull {spec.key}"
+        if spec.local_path is not None and not spec.toy:
+            return f"not installed: no checkpoint at {spec.local_path}"
+        return f"not installed: {weights.install_hint(spec)}"
     return "installed, RANDOM WEIGHTS (pictures are noise)" if spec.random_weights else "installed"
 
 

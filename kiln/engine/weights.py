@@ -9,10 +9,14 @@ weights pulled by other tools are found too.
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 from kiln.catalog import ModelSpec
 from kiln.errors import KilnError, ModelNotInstalled
+
+
+log = logging.getLogger(__name__)
 
 
 class PullError(KilnError):
@@ -27,15 +31,26 @@ def locate(spec: ModelSpec) -> Path | None:
     return path if path is not None and _complete(path) else None
 
 
+def install_hint(spec: ModelSpec) -> str:
+    """How an operator installs ``spec``: the one wording shared by errors and ``kiln models``."""
+    if spec.local_path is None or spec.toy:
+        return f"kiln pull {spec.key}"
+    return "place its diffusers checkpoint at the catalog's source path"
+
+
 def require(spec: ModelSpec) -> Path:
+    """The checkpoint directory, or :class:`ModelNotInstalled` naming how to install it.
+
+    The message holds no server paths: it may reach API clients. Operators see the path in the
+    log and in ``kiln models``.
+    """
     path = locate(spec)
     if path is None:
-        where = f"no checkpoint at {spec.local_path}" if spec.local_path else "its weights are not downloaded"
-        if spec.local_path is None or spec.toy:
-            hint = f"run: kiln pull {spec.key}"
-        else:
-            hint = f"copy a diffusers checkpoint to {spec.local_path}"
-        raise ModelNotInstalled(f"{spec.key} is not installed ({where}); {hint}", details={"install": hint})
+        hint = install_hint(spec)
+        if spec.local_path is not None:
+            log.warning("%s: no complete checkpoint at %s", spec.key, spec.local_path)
+        verb = "run: " if hint.startswith("kiln ") else ""
+        raise ModelNotInstalled(f"{spec.key} is not installed on this server; {verb}{hint}", details={"install": hint})
     return path
 
 
@@ -53,15 +68,15 @@ def pull(spec: ModelSpec, *, token: str | None = None) -> Path:
         if _complete(spec.local_path):
             return spec.local_path
         raise PullError(f"{spec.key} is a local checkpoint ({spec.local_path}); there is nothing to download")
-    from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+    from diffusers import DiffusionPipeline
+    from huggingface_hub.errors import HfHubHTTPError
 
     try:
-        path = Path(snapshot_download(spec.source, revision=spec.revision, token=token))
-    except LocalEntryNotFoundError as exc:
-        raise PullError(f"cannot download {spec.source}: the hub is unreachable or offline mode is on") from exc
+        # diffusers' own download fetches only what from_pretrained loads (no single-file
+        # checkpoints beside the diffusers layout), resumes, and falls back to the cache offline.
+        path = Path(DiffusionPipeline.download(spec.source, revision=spec.revision, token=token))
     except (HfHubHTTPError, OSError, ValueError) as exc:
-        raise PullError(f"cannot download {spec.source}: {exc}") from exc
+        raise PullError(f"cannot download {spec.source}: the hub is unreachable, offline mode is on, or the repo is gated ({type(exc).__name__})") from exc
     if not _complete(path):
         raise PullError(f"{spec.source} was downloaded but is not a complete diffusers checkpoint (see {path})")
     return path
