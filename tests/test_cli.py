@@ -162,3 +162,28 @@ def test_video_model_without_an_image_defaults_to_text_to_video(catalog_file, tm
     assert main(["--catalog", str(catalog_file), "generate", "a ball rolls", "-m", "wan/default", "-f", "toy-64",
                  "--duration", "0.5", "--steps", "10", "-o", str(out), "-q"]) == 0
     assert "wan/default t2v" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_toys_command_writes_a_catalog_the_cli_can_use(toys_dir, tmp_path, capsys):
+    from kiln.testing.toys import main as toys_main
+
+    assert toys_main([str(toys_dir)]) == 0
+    catalog = toys_dir / "catalog.toml"
+    assert f"catalog -> {catalog}" in capsys.readouterr().out
+    out = tmp_path / "dev.webp"
+    assert main(["--catalog", str(catalog), "generate", "a red circle", "-m", "flux/default", "-f", "512",
+                 "--steps", "15", "-o", str(out), "-q"]) == 0
+    assert "flux/dev t2i 512x512" in capsys.readouterr().out
+
+
+def test_a_stale_toy_reads_as_not_installed(tmp_path):
+    from kiln.catalog import load_catalog
+    from kiln.engine import weights
+    from kiln.testing.toys import build_toy
+
+    spec = load_catalog().models["flux/toy"].model_copy(update={"source": str(tmp_path / "flux1-dev")})
+    build_toy("flux1-dev", tmp_path)
+    assert weights.locate(spec) == tmp_path / "flux1-dev"
+    (tmp_path / "flux1-dev" / "kiln_toy.json").write_text('{"format": -1, "name": "flux1-dev"}')
+    assert weights.locate(spec) is None

@@ -25,6 +25,11 @@ class PullError(KilnError):
 
 def locate(spec: ModelSpec) -> Path | None:
     """The complete checkpoint directory for ``spec`` on this machine, or None."""
+    if spec.toy is not None:
+        from kiln.testing.toys import is_complete
+
+        # a toy built by an older Kiln is stale: it reads as not installed and is rebuilt
+        return spec.local_path if spec.local_path and is_complete(spec.local_path, spec.toy) else None
     path = spec.local_path
     if path is None:
         path = _cached_snapshot(spec)
