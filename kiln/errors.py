@@ -64,6 +64,16 @@ class UnsupportedTask(UserError):
     code = "unsupported_task"
 
 
+class IdempotencyConflict(UserError):
+    """The idempotency key was used before, by the same API key, with a different request body."""
+
+    code = "idempotency_conflict"
+
+    def __init__(self, message: str, *, job_id: str, details: dict[str, Any] | None = None) -> None:
+        super().__init__(message, details=details)
+        self.job_id = job_id
+
+
 class InvalidImage(UserError):
     """An input image or mask could not be read, or does not fit the request."""
 
@@ -75,6 +85,12 @@ class InvalidImage(UserError):
 
 class UnavailableError(KilnError):
     code = "unavailable"
+
+
+class QueueFull(UnavailableError):
+    """The async queue holds as many jobs as it is configured to."""
+
+    code = "queue_full"
 
 
 class ModelNotInstalled(UnavailableError):
@@ -117,3 +133,22 @@ class CatalogError(KilnError):
     """The model catalog file is invalid; raised at start-up with the offending entry named."""
 
     code = "invalid_catalog"
+
+
+# --- stored assets (kiln.storage) -----------------------------------------------------------------
+
+
+class AssetNotFound(UserError):
+    """No asset of that kind and name is stored: never put, deleted, or expired."""
+
+    code = "not_found"
+
+
+class InvalidAssetName(AssetNotFound):
+    """A kind or name that no store ever writes; refused before any I/O.
+
+    A subclass of :class:`AssetNotFound` with the same code, so a CDN route answers a malformed name
+    as it answers a missing one (404) and reveals nothing about the store's layout.
+    """
+
+    code = "not_found"
