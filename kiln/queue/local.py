@@ -1,0 +1,278 @@
+"""The embedded broker: jobs in one SQLite file (WAL), safe across threads and processes.
+
+Every state change is one ``BEGIN IMMEDIATE`` transaction that re-reads the row and checks the
+state machine, so two API threads, a worker and a ``kiln`` command can share the file. A SIGKILL
+loses nothing committed: queued jobs stay queued and running ones are re-queued by
+:meth:`SqliteBroker.recover` at the next start.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+import sqlite3
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from kiln.errors import IdempotencyConflict, QueueFull
+from kiln.queue.job import Job, JobStatus, Priority, check_transition
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS jobs (
+    id TEXT PRIMARY KEY,
+    status TEXT NOT NULL,
+    priority TEXT NOT NULL,
+    rank INTEGER NOT NULL,
+    payload TEXT NOT NULL,
+    key_id TEXT,
+    idempotency_key TEXT,
+    created REAL NOT NULL,
+    started REAL,
+    finished REAL,
+    step INTEGER NOT NULL DEFAULT 0,
+    total_steps INTEGER NOT NULL DEFAULT 0,
+    output TEXT,
+    result TEXT,
+    error_code TEXT,
+    error_message TEXT,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    worker_id TEXT,
+    cancel_requested INTEGER NOT NULL DEFAULT 0
+);
+CREATE INDEX IF NOT EXISTS jobs_by_status ON jobs (status, rank, created);
+CREATE TABLE IF NOT EXISTS idempotency (
+    key_id TEXT NOT NULL,
+    key TEXT NOT NULL,
+    job_id TEXT NOT NULL,
+    request_hash TEXT,
+    created REAL NOT NULL,
+    PRIMARY KEY (key_id, key)
+);
+"""
+
+# The claim order: rank lowered by one for every `aging` seconds waited (so low never starves),
+# then first in, first out. Bound parameters: :now, :aging.
+EFFECTIVE_RANK = "MAX(0, rank - CAST((:now - created) / :aging AS INTEGER))"
+
+
+class SqliteBroker:
+    """:class:`~kiln.queue.base.Broker` on a SQLite file.
+
+    ``aging_seconds``: how long a job waits before it competes one priority higher.
+    ``idempotency_ttl``: how long an idempotency key maps to its job (24 h).
+    ``clock``: seconds since the epoch; tests pass a fake one instead of sleeping.
+    """
+
+    def __init__(
+        self,
+        path: str | Path,
+        *,
+        aging_seconds: float = 60.0,
+        idempotency_ttl: float = 24 * 3600.0,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.path = Path(path)
+        self.aging = aging_seconds
+        self.idempotency_ttl = idempotency_ttl
+        self.clock = clock
+        self._lock = threading.Lock()
+        self._db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=30.0)
+        self._db.row_factory = sqlite3.Row
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=NORMAL")  # WAL + NORMAL: durable across process crashes
+        self._db.execute("PRAGMA busy_timeout=30000")
+        self._db.executescript(SCHEMA)
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    @contextmanager
+    def _tx(self) -> Iterator[sqlite3.Connection]:
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                yield self._db
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._db.execute("COMMIT")
+
+    # --- API side --------------------------------------------------------------------------------
+
+    def submit(
+        self,
+        payload: dict[str, Any],
+        *,
+        priority: Priority = Priority.NORMAL,
+        key_id: str | None = None,
+        idempotency_key: str | None = None,
+        request_hash: str | None = None,
+        max_depth: int | None = None,
+    ) -> tuple[Job, bool]:
+        priority = Priority(priority)
+        body = json.dumps(payload, separators=(",", ":"))
+        now = self.clock()
+        with self._tx() as db:
+            if idempotency_key is not None:
+                row = db.execute(
+                    "SELECT job_id, request_hash, created FROM idempotency WHERE key_id = ? AND key = ?",
+                    (key_id or "", idempotency_key),
+                ).fetchone()
+                if row is not None and now - row["created"] < self.idempotency_ttl:
+                    if row["request_hash"] != request_hash:
+                        raise IdempotencyConflict(
+                            "this idempotency_key was already used with a different request", job_id=row["job_id"]
+                        )
+                    return self._get(db, row["job_id"]), False  # type: ignore[return-value]
+            if max_depth is not None:
+                (queued,) = db.execute("SELECT COUNT(*) FROM jobs WHERE status = 'queued'").fetchone()
+                if queued >= max_depth:
+                    raise QueueFull(f"the queue is full ({queued} jobs waiting); retry later")
+            job_id = "j_" + secrets.token_hex(12)
+            db.execute(
+                "INSERT INTO jobs (id, status, priority, rank, payload, key_id, idempotency_key, created)"
+                " VALUES (?, 'queued', ?, ?, ?, ?, ?, ?)",
+                (job_id, priority.value, priority.rank, body, key_id, idempotency_key, now),
+            )
+            if idempotency_key is not None:
+                db.execute(
+                    "INSERT OR REPLACE INTO idempotency (key_id, key, job_id, request_hash, created) VALUES (?, ?, ?, ?, ?)",
+                    (key_id or "", idempotency_key, job_id, request_hash, now),
+                )
+            return self._get(db, job_id), True  # type: ignore[return-value]
+
+    def get(self, job_id: str) -> Job | None:
+        with self._lock:
+            return self._get(self._db, job_id)
+
+    def position(self, job_id: str) -> int | None:
+        now = self.clock()
+        with self._lock:
+            row = self._db.execute(
+                f"SELECT {EFFECTIVE_RANK} AS eff, created, id FROM jobs WHERE id = :id AND status = 'queued'",
+                {"id": job_id, "now": now, "aging": self.aging},
+            ).fetchone()
+            if row is None:
+                return None
+            (ahead,) = self._db.execute(
+                f"SELECT COUNT(*) FROM jobs WHERE status = 'queued' AND ({EFFECTIVE_RANK}, created, id) < (:eff, :created, :id)",
+                {"now": now, "aging": self.aging, "eff": row["eff"], "created": row["created"], "id": row["id"]},
+            ).fetchone()
+        return ahead + 1
+
+    def cancel(self, job_id: str) -> Job | None:
+        with self._tx() as db:
+            job = self._get(db, job_id)
+            if job is None or job.status.terminal:
+                return job
+            if job.status is JobStatus.QUEUED:
+                self._set(db, job, JobStatus.CANCELLED, finished=self.clock())
+            else:
+                db.execute("UPDATE jobs SET cancel_requested = 1 WHERE id = ?", (job_id,))
+            return self._get(db, job_id)
+
+    def depth(self) -> dict[Priority, int]:
+        with self._lock:
+            rows = self._db.execute("SELECT priority, COUNT(*) AS n FROM jobs WHERE status = 'queued' GROUP BY priority")
+            counts = {Priority(r["priority"]): r["n"] for r in rows}
+        return {p: counts.get(p, 0) for p in Priority}
+
+    # --- worker side -----------------------------------------------------------------------------
+
+    def claim(self, worker_id: str) -> Job | None:
+        now = self.clock()
+        with self._tx() as db:
+            row = db.execute(
+                f"SELECT id FROM jobs WHERE status = 'queued' ORDER BY {EFFECTIVE_RANK}, created, id LIMIT 1",
+                {"now": now, "aging": self.aging},
+            ).fetchone()
+            if row is None:
+                return None
+            job = self._get(db, row["id"])
+            assert job is not None
+            self._set(db, job, JobStatus.RUNNING, started=now, worker_id=worker_id, attempts=job.attempts + 1)
+            return self._get(db, job.id)
+
+    def report_progress(self, job_id: str, step: int, total_steps: int) -> bool:
+        with self._tx() as db:
+            db.execute(
+                "UPDATE jobs SET step = ?, total_steps = ? WHERE id = ? AND status = 'running'", (step, total_steps, job_id)
+            )
+            row = db.execute("SELECT cancel_requested FROM jobs WHERE id = ?", (job_id,)).fetchone()
+        return bool(row and row["cancel_requested"])
+
+    def complete(self, job_id: str, output: str, result: dict[str, Any]) -> Job:
+        return self._finish(job_id, JobStatus.COMPLETE, output=output, result=json.dumps(result))
+
+    def fail(self, job_id: str, code: str, message: str) -> Job:
+        return self._finish(job_id, JobStatus.FAILED, error_code=code, error_message=message)
+
+    def mark_cancelled(self, job_id: str) -> Job:
+        return self._finish(job_id, JobStatus.CANCELLED)
+
+    def requeue(self, job_id: str) -> Job:
+        with self._tx() as db:
+            job = self._require(db, job_id)
+            self._set(db, job, JobStatus.QUEUED, started=None, worker_id=None, step=0, total_steps=0)
+            return self._get(db, job_id)  # type: ignore[return-value]
+
+    def recover(self) -> int:
+        with self._tx() as db:
+            cur = db.execute(
+                "UPDATE jobs SET status = 'queued', started = NULL, worker_id = NULL, step = 0, total_steps = 0"
+                " WHERE status = 'running'"
+            )
+            return cur.rowcount
+
+    # --- internals -------------------------------------------------------------------------------
+
+    def _finish(self, job_id: str, status: JobStatus, **fields: Any) -> Job:
+        with self._tx() as db:
+            job = self._require(db, job_id)
+            self._set(db, job, status, finished=self.clock(), **fields)
+            return self._get(db, job_id)  # type: ignore[return-value]
+
+    def _require(self, db: sqlite3.Connection, job_id: str) -> Job:
+        job = self._get(db, job_id)
+        if job is None:
+            raise KeyError(job_id)
+        return job
+
+    @staticmethod
+    def _set(db: sqlite3.Connection, job: Job, status: JobStatus, **fields: Any) -> None:
+        check_transition(job.id, job.status, status)
+        columns = ", ".join(f"{name} = ?" for name in fields)
+        sql = f"UPDATE jobs SET status = ?{', ' + columns if columns else ''} WHERE id = ? AND status = ?"
+        cur = db.execute(sql, (status.value, *fields.values(), job.id, job.status.value))
+        assert cur.rowcount == 1, "row changed under an IMMEDIATE transaction"
+
+    @staticmethod
+    def _get(db: sqlite3.Connection, job_id: str) -> Job | None:
+        row = db.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
+        if row is None:
+            return None
+        return Job(
+            id=row["id"],
+            status=JobStatus(row["status"]),
+            priority=Priority(row["priority"]),
+            payload=json.loads(row["payload"]),
+            created=row["created"],
+            key_id=row["key_id"],
+            idempotency_key=row["idempotency_key"],
+            started=row["started"],
+            finished=row["finished"],
+            step=row["step"],
+            total_steps=row["total_steps"],
+            output=row["output"],
+            result=json.loads(row["result"]) if row["result"] else None,
+            error_code=row["error_code"],
+            error_message=row["error_message"],
+            attempts=row["attempts"],
+            worker_id=row["worker_id"],
+            cancel_requested=bool(row["cancel_requested"]),
+        )
