@@ -1,0 +1,69 @@
+"""``kiln keys create|list|revoke``: manage API keys in the server's data directory."""
+
+from __future__ import annotations
+
+import time
+
+from kiln.cli.serve import add_data_dir
+from kiln.errors import InvalidParameters
+from kiln.settings import load_settings
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("keys", help="create, list and revoke API keys")
+    keys = p.add_subparsers(dest="keys_command", required=True, metavar="ACTION")
+    create = keys.add_parser("create", help="make a key; it is printed once, alone on the last line")
+    create.add_argument("--name", default="", help="a label for the key")
+    create.add_argument("--rate", type=int, help="requests per minute (default: the server's default, 100)")
+    create.add_argument("--credits", type=int, help="a credit balance (one per generation); default unlimited")
+    create.add_argument("--expires-days", type=float, help="the key stops working after this many days")
+    add_data_dir(create)
+    create.set_defaults(run=run_create)
+    listing = keys.add_parser("list", help="list keys (never their secrets)")
+    add_data_dir(listing)
+    listing.set_defaults(run=run_list)
+    revoke = keys.add_parser("revoke", help="revoke a key by id")
+    revoke.add_argument("key_id")
+    add_data_dir(revoke)
+    revoke.set_defaults(run=run_revoke)
+
+
+def _store(args):
+    from kiln.keys import KeyStore
+
+    settings = load_settings({"data_dir": args.data_dir})
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    return KeyStore(settings.database), settings
+
+
+def run_create(args) -> int:
+    store, settings = _store(args)
+    if args.rate is not None and args.rate < 1:
+        raise InvalidParameters("--rate must be at least 1")
+    if args.credits is not None and args.credits < 0:
+        raise InvalidParameters("--credits must be 0 or more")
+    expires = time.time() + args.expires_days * 86400 if args.expires_days else None
+    new = store.create(args.name, rate_per_min=args.rate or settings.default_rate_per_min, credits=args.credits,
+                       expires=expires)
+    print(f"id {new.record.id}  rate {new.record.rate_per_min}/min  credits {new.record.credits or 'unlimited'}")
+    print(f"webhook secret {new.record.webhook_secret}")
+    print(new.secret)
+    return 0
+
+
+def run_list(args) -> int:
+    store, _ = _store(args)
+    now = time.time()
+    for r in store.list():
+        state = "active" if r.active(now) else ("revoked" if r.revoked else "expired")
+        credits = "unlimited" if r.credits is None else str(r.credits)
+        print(f"{r.id}  {r.hint}…  {state:8}  {r.rate_per_min}/min  credits {credits}  {r.name}")
+    return 0
+
+
+def run_revoke(args) -> int:
+    store, _ = _store(args)
+    if not store.revoke(args.key_id):
+        raise InvalidParameters(f"no active key {args.key_id}")
+    print(f"revoked {args.key_id}")
+    return 0

@@ -1,0 +1,163 @@
+"""API keys: stored hashed, compared in constant time, with a rate and an optional credit balance.
+
+A key is ``kiln_sk_`` followed by 43 random URL-safe characters (256 bits). Only its SHA-256 is
+stored: keys are random, so a slow password hash would add nothing. Each key also gets a webhook
+signing secret (``whsec_…``), shown once with the key.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import secrets
+import sqlite3
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+KEY_PREFIX = "kiln_sk_"
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS api_keys (
+    id TEXT PRIMARY KEY,
+    name TEXT NOT NULL,
+    hash TEXT NOT NULL UNIQUE,
+    hint TEXT NOT NULL,
+    created REAL NOT NULL,
+    expires REAL,
+    revoked REAL,
+    rate_per_min INTEGER NOT NULL,
+    credits INTEGER,
+    webhook_secret TEXT NOT NULL
+);
+"""
+
+
+@dataclass(frozen=True)
+class KeyRecord:
+    id: str
+    name: str
+    hint: str  # the first characters, to tell keys apart in listings
+    created: float
+    expires: float | None
+    revoked: float | None
+    rate_per_min: int
+    credits: int | None  # None: unlimited
+    webhook_secret: str
+
+    def active(self, now: float) -> bool:
+        return self.revoked is None and (self.expires is None or self.expires > now)
+
+
+@dataclass(frozen=True)
+class NewKey:
+    record: KeyRecord
+    secret: str  # shown once; never stored
+
+
+def _digest(key: str) -> str:
+    return hashlib.sha256(key.encode("utf-8")).hexdigest()
+
+
+def looks_like_a_key(value: str) -> bool:
+    return value.startswith(KEY_PREFIX) and 40 <= len(value) <= 128 and value.isascii()
+
+
+class KeyStore:
+    """Keys in the server's SQLite file (shared with the job broker; WAL, safe across processes)."""
+
+    def __init__(self, path: str | Path, *, clock: Callable[[], float] = time.time) -> None:
+        self.clock = clock
+        self._lock = threading.Lock()
+        self._db = sqlite3.connect(Path(path), isolation_level=None, check_same_thread=False, timeout=30.0)
+        self._db.row_factory = sqlite3.Row
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA busy_timeout=30000")
+        self._db.executescript(SCHEMA)
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    def create(
+        self, name: str = "", *, rate_per_min: int = 100, credits: int | None = None, expires: float | None = None
+    ) -> NewKey:
+        secret = KEY_PREFIX + secrets.token_urlsafe(32)
+        record = KeyRecord(
+            id="k_" + secrets.token_hex(8),
+            name=name,
+            hint=secret[: len(KEY_PREFIX) + 4],
+            created=self.clock(),
+            expires=expires,
+            revoked=None,
+            rate_per_min=rate_per_min,
+            credits=credits,
+            webhook_secret="whsec_" + base64.b64encode(secrets.token_bytes(24)).decode(),
+        )
+        with self._lock:
+            self._db.execute(
+                "INSERT INTO api_keys (id, name, hash, hint, created, expires, revoked, rate_per_min, credits, webhook_secret)"
+                " VALUES (?, ?, ?, ?, ?, ?, NULL, ?, ?, ?)",
+                (record.id, name, _digest(secret), record.hint, record.created, expires, rate_per_min, credits,
+                 record.webhook_secret),
+            )
+        return NewKey(record, secret)
+
+    def lookup(self, presented: str) -> KeyRecord | None:
+        """The record for a presented key (active or not), or None. Constant-time in the key's value."""
+        digest = _digest(presented)
+        with self._lock:
+            row = self._db.execute("SELECT * FROM api_keys WHERE hash = ?", (digest,)).fetchone()
+        if row is None or not hmac.compare_digest(row["hash"], digest):
+            return None
+        return _record(row)
+
+    def list(self) -> list[KeyRecord]:
+        with self._lock:
+            rows = self._db.execute("SELECT * FROM api_keys ORDER BY created").fetchall()
+        return [_record(r) for r in rows]
+
+    def revoke(self, key_id: str) -> bool:
+        with self._lock:
+            cur = self._db.execute(
+                "UPDATE api_keys SET revoked = ? WHERE id = ? AND revoked IS NULL", (self.clock(), key_id)
+            )
+        return cur.rowcount == 1
+
+    def spend(self, key_id: str, amount: int = 1) -> bool:
+        """Take ``amount`` credits; False when the balance is short (unlimited keys always succeed)."""
+        with self._lock:
+            cur = self._db.execute(
+                "UPDATE api_keys SET credits = credits - ? WHERE id = ? AND (credits IS NULL OR credits >= ?)",
+                (amount, key_id, amount),
+            )
+        return cur.rowcount == 1
+
+    def refund(self, key_id: str, amount: int = 1) -> None:
+        """Give back credits taken for work that did not happen (no-op for unlimited keys)."""
+        with self._lock:
+            self._db.execute(
+                "UPDATE api_keys SET credits = credits + ? WHERE id = ? AND credits IS NOT NULL", (amount, key_id)
+            )
+
+    def count(self) -> int:
+        with self._lock:
+            (n,) = self._db.execute("SELECT COUNT(*) FROM api_keys").fetchone()
+        return n
+
+
+def _record(row: sqlite3.Row) -> KeyRecord:
+    return KeyRecord(
+        id=row["id"],
+        name=row["name"],
+        hint=row["hint"],
+        created=row["created"],
+        expires=row["expires"],
+        revoked=row["revoked"],
+        rate_per_min=row["rate_per_min"],
+        credits=row["credits"],
+        webhook_secret=row["webhook_secret"],
+    )
