@@ -87,6 +87,19 @@ class UnavailableError(KilnError):
     code = "unavailable"
 
 
+class CapacityExhausted(UnavailableError):
+    """The sync tier could not start the request within its wait; ``retry_after`` is in seconds."""
+
+    code = "capacity_exhausted"
+
+    def __init__(self, message: str, *, retry_after: int, details: dict[str, Any] | None = None) -> None:
+        super().__init__(message, details=details)
+        self.retry_after = retry_after
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**super().to_dict(), "retry_after": self.retry_after}
+
+
 class QueueFull(UnavailableError):
     """The async queue holds as many jobs as it is configured to."""
 

@@ -1,0 +1,1 @@
+"""HTTP dialects over the one canonical request: the render API first, others beside it."""

@@ -1,0 +1,48 @@
+"""The render API as an ASGI app: sync, async and CDN on one origin."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI, Request
+
+from kiln import __version__
+from kiln.api import errors
+from kiln.api.auth import rate_headers
+from kiln.api.routes import cdn, discovery, generate, ops, uploads
+from kiln.api.services import Services
+
+
+def create_app(services: Services, *, on_start: Callable[[], None] | None = None,
+               on_stop: Callable[[], None] | None = None) -> FastAPI:
+    """Build the app around ``services``; ``on_start``/``on_stop`` run in its lifespan (the worker)."""
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        if on_start:
+            on_start()
+        try:
+            yield
+        finally:
+            if on_stop:
+                on_stop()
+
+    app = FastAPI(
+        title="Kiln render API",
+        version=__version__,
+        description="Images and video from diffusion models: sync bytes, an async queue, permanent URLs.",
+        lifespan=lifespan,
+    )
+    app.state.services = services
+    errors.install(app)
+
+    @app.middleware("http")
+    async def _limits(request: Request, call_next):
+        response = await call_next(request)
+        response.headers.update(rate_headers(request))
+        return response
+
+    for module in (generate, discovery, uploads, cdn, ops):
+        app.include_router(module.router)
+    return app

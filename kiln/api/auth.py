@@ -1,0 +1,51 @@
+"""``Authorization: Bearer <key>``: who is asking, and whether they may ask now."""
+
+from __future__ import annotations
+
+from fastapi import Request
+
+from kiln.api.errors import ApiError
+from kiln.keys import KeyRecord, looks_like_a_key
+
+
+def services(request: Request):
+    return request.app.state.services
+
+
+async def authenticate(request: Request) -> KeyRecord | None:
+    """The caller's key, counted against its rate; None when the server runs without auth."""
+    svc = services(request)
+    if not svc.settings.auth:
+        return None
+    scheme, _, token = request.headers.get("authorization", "").partition(" ")
+    token = token.strip()
+    if scheme.lower() != "bearer" or not token:
+        raise ApiError(401, "invalid_token", "missing API key: send Authorization: Bearer <key>")
+    if not looks_like_a_key(token):
+        raise ApiError(401, "invalid_token", "API key format invalid")
+    record = svc.keys.lookup(token)
+    if record is None:
+        raise ApiError(401, "invalid_token", "API key not recognised")
+    if not record.active(svc.keys.clock()):
+        raise ApiError(401, "token_expired", "API key has been revoked or has expired")
+    rate = svc.limiter.hit(record.id, record.rate_per_min)
+    request.state.rate = rate
+    if not rate.allowed:
+        raise ApiError(429, "rate_limit_exceeded", f"Rate limit: {rate.limit}/min", retry_after=rate.reset_s)
+    return record
+
+
+def spend_credit(request: Request, key: KeyRecord | None) -> None:
+    if key is not None and not services(request).keys.spend(key.id):
+        raise ApiError(402, "insufficient_credits", "this API key has no credits left")
+
+
+def rate_headers(request: Request) -> dict[str, str]:
+    rate = getattr(request.state, "rate", None)
+    if rate is None:
+        return {}
+    return {
+        "X-RateLimit-Limit": str(rate.limit),
+        "X-RateLimit-Remaining": str(rate.remaining),
+        "X-RateLimit-Reset": str(rate.reset_s),
+    }

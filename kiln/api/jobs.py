@@ -1,0 +1,64 @@
+"""How a job looks to a render-API client (reference: Async Job Status)."""
+
+from __future__ import annotations
+
+import time
+from datetime import UTC, datetime
+from typing import Any
+
+from kiln.api.services import Services
+from kiln.queue import Job, JobStatus
+
+
+def iso(ts: float | None) -> str | None:
+    return None if ts is None else datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def absolute(svc: Services, path: str) -> str:
+    return svc.settings.base_url() + path
+
+
+def job_json(svc: Services, job: Job) -> dict[str, Any]:
+    body: dict[str, Any] = {"id": job.id, "status": job.status.value, "created_at": iso(job.created)}
+    if job.status is JobStatus.QUEUED:
+        position = svc.broker.position(job.id) or 1
+        body.update(position=position, eta_seconds=_queued_eta(svc, position))
+    elif job.status is JobStatus.RUNNING:
+        body.update(
+            progress=round(job.progress, 4),
+            step=job.step,
+            total_steps=job.total_steps,
+            eta_seconds=_running_eta(job),
+            started_at=iso(job.started),
+        )
+    elif job.status is JobStatus.COMPLETE:
+        result = job.result or {}
+        body.update(
+            output=absolute(svc, job.output or ""),
+            outputs=[absolute(svc, o) for o in result.get("outputs", [job.output])],
+            seed=result.get("seed"),
+            duration_ms=result.get("duration_ms"),
+            started_at=iso(job.started),
+            completed_at=iso(job.finished),
+        )
+    elif job.status is JobStatus.FAILED:
+        body.update(error={"code": job.error_code, "message": job.error_message}, failed_at=iso(job.finished))
+    else:
+        body.update(cancelled_at=iso(job.finished))
+    return body
+
+
+def _queued_eta(svc: Services, position: int) -> int | None:
+    """Jobs ahead (and this one) times the measured time per job; None until one has run."""
+    per_job = svc.worker.seconds_per_job
+    if per_job is None:
+        return None
+    return round(position * per_job)
+
+
+def _running_eta(job: Job) -> int | None:
+    """Remaining steps at the pace measured so far in this job."""
+    if not job.step or not job.started or not job.total_steps:
+        return None
+    per_step = (time.time() - job.started) / job.step
+    return round(per_step * (job.total_steps - job.step))

@@ -1,0 +1,60 @@
+"""Render-API bodies -> the canonical :class:`GenerationRequest` (inputs fetched, controls checked)."""
+
+from __future__ import annotations
+
+from fastapi import Request
+from starlette.concurrency import run_in_threadpool
+
+from kiln.api.auth import services
+from kiln.api.fetch import resolve_image_input
+from kiln.api.schemas import NOT_YET, GenerateBody
+from kiln.catalog import ModelSpec
+from kiln.engine.request import GenerationRequest
+from kiln.errors import InvalidParameters
+
+
+async def build_request(
+    request: Request, body: GenerateBody, spec: ModelSpec, task: str, fmt: str | None
+) -> GenerationRequest:
+    """Resolve inputs, map names (``cfg`` is video guidance), validate against the catalog."""
+    svc = services(request)
+    for name in NOT_YET:
+        if getattr(body, name) not in (None, False):
+            raise InvalidParameters(f"{name} is not available on this server yet; leave it out")
+    if body.cfg is not None and body.guidance is not None:
+        raise InvalidParameters("send cfg or guidance, not both")
+    if body.cfg is not None and spec.modality != "video":
+        raise InvalidParameters("cfg is the video guidance; image models take guidance")
+    image = await _input(request, body.image, "image") if body.image else None
+    mask = await _input(request, body.mask, "mask") if body.mask else None
+    canonical = GenerationRequest.create(
+        family=spec.family,
+        model=spec.model,
+        task=task,
+        format=fmt or spec.formats[0],
+        prompt=body.prompt,
+        negative_prompt=body.negative_prompt,
+        steps=body.steps,
+        guidance=body.cfg if body.cfg is not None else body.guidance,
+        seed=body.seed,
+        sampler=body.sampler,
+        scheduler=body.scheduler,
+        strength=body.strength,
+        image=image,
+        mask=mask,
+        duration=body.duration,
+    )
+    await run_in_threadpool(svc.validate, canonical)
+    return canonical
+
+
+async def _input(request: Request, value: str, what: str) -> bytes:
+    svc = services(request)
+
+    def own_upload(name: str) -> bytes | None:
+        # the fetcher validated the name; a concurrent expiry raises AssetNotFound, read as missing
+        return svc.store.read("u", name)
+
+    return await resolve_image_input(
+        value, policy=svc.fetch_policy, own_upload=own_upload, public_url=svc.settings.base_url(), field=what
+    )

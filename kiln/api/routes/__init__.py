@@ -1,0 +1,1 @@
+"""The render API's routes, one module per area."""

@@ -1,0 +1,150 @@
+"""Sync tier (``POST /image|video/{family}/{model}/{task}``) and async tier (``/queue``, ``/jobs``)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Any
+
+from fastapi import APIRouter, Depends, Query, Request
+from fastapi.responses import JSONResponse, Response
+from starlette.concurrency import run_in_threadpool
+
+from kiln.api.auth import authenticate, services, spend_credit
+from kiln.api.errors import ApiError
+from kiln.api.jobs import absolute, job_json
+from kiln.api.requests import build_request
+from kiln.api.schemas import GenerateBody, QueueBody
+from kiln.catalog import ModelSpec
+from kiln.engine.request import GenerationRequest
+from kiln.errors import CapacityExhausted, InvalidParameters
+from kiln.keys import KeyRecord
+from kiln.queue import JobStatus, Priority
+from kiln.worker.payload import to_payload
+
+router = APIRouter()
+
+FORMAT_QUERY = Query(default=None, max_length=32, description="output format, e.g. 1024, portrait, 720p")
+
+
+@router.post("/image/{family}/{model}/{task}", tags=["sync"], responses={200: {"content": {"image/webp": {}}}})
+async def sync_image(
+    family: str, model: str, task: str, body: GenerateBody, request: Request,
+    format: str | None = FORMAT_QUERY, key: KeyRecord | None = Depends(authenticate),
+) -> Response:
+    """Generate an image and answer with its bytes (WebP); 503 when no worker slot frees up in time."""
+    return await _sync(request, "image", family, model, task, format, body, key)
+
+
+@router.post("/video/{family}/{model}/{task}", tags=["sync"], responses={200: {"content": {"video/mp4": {}}}})
+async def sync_video(
+    family: str, model: str, task: str, body: GenerateBody, request: Request,
+    format: str | None = FORMAT_QUERY, key: KeyRecord | None = Depends(authenticate),
+) -> Response:
+    """Generate a video and answer with its bytes (MP4)."""
+    return await _sync(request, "video", family, model, task, format, body, key)
+
+
+@router.post("/queue", status_code=202, tags=["async"])
+async def submit(body: QueueBody, request: Request, key: KeyRecord | None = Depends(authenticate)) -> JSONResponse:
+    """Queue a generation; 202 with the job's id, position and ETA."""
+    spec = _spec(request, body.modality, body.family, body.model)
+    if body.webhook is not None:
+        raise InvalidParameters("webhook is not available on this server yet; poll GET /jobs/{id}")
+    canonical = await build_request(request, body, spec, body.task, body.format)
+    return _enqueue(request, canonical, key, priority=body.priority, idempotency_key=body.idempotency_key,
+                    request_hash=_hash(body), charge=True)
+
+
+@router.get("/jobs/{job_id}", tags=["async"], responses={303: {"description": "complete: redirect to the output"}})
+async def get_job(job_id: str, request: Request, key: KeyRecord | None = Depends(authenticate)) -> Response:
+    """A job's state; a complete job answers 303 to its output, with the JSON body as well."""
+    svc = services(request)
+    job = _own_job(request, job_id, key)
+    body = job_json(svc, job)
+    if job.status is JobStatus.COMPLETE:
+        return JSONResponse(body, status_code=303, headers={"Location": body["output"]})
+    return JSONResponse(body)
+
+
+@router.delete("/jobs/{job_id}", tags=["async"])
+async def cancel_job(job_id: str, request: Request, key: KeyRecord | None = Depends(authenticate)) -> JSONResponse:
+    """Cancel a queued job, or stop a running one between steps (its status turns cancelled shortly)."""
+    svc = services(request)
+    _own_job(request, job_id, key)
+    job = svc.broker.cancel(job_id)
+    return JSONResponse(job_json(svc, job))
+
+
+# --- helpers ---------------------------------------------------------------------------------------
+
+
+async def _sync(request: Request, modality: str, family: str, model: str, task: str, fmt: str | None,
+                body: GenerateBody, key: KeyRecord | None) -> Response:
+    svc = services(request)
+    spec = _spec(request, modality, family, model)
+    canonical = await build_request(request, body, spec, task, fmt)
+    spend_credit(request, key)
+    try:
+        stored = await run_in_threadpool(
+            svc.worker.run_sync, canonical, wait_s=svc.settings.sync_wait_s, retry_after=svc.settings.retry_after_s
+        )
+    except CapacityExhausted:
+        if "respond-async" in request.headers.get("prefer", "").lower():
+            return _enqueue(request, canonical, key, priority="normal", charge=False)  # already charged
+        raise
+    asset = stored.assets[0]
+    return Response(
+        stored.first_bytes,
+        media_type=stored.media_type,
+        headers={
+            "Content-Location": absolute(svc, f"/{asset.kind}/{asset.name}"),
+            "X-Generation-Time": str(stored.result.elapsed_ms),
+            "X-Seed": str(stored.result.seed),
+        },
+    )
+
+
+def _enqueue(request: Request, canonical: GenerationRequest, key: KeyRecord | None, *, priority: str,
+             idempotency_key: str | None = None, request_hash: str | None = None, charge: bool) -> JSONResponse:
+    svc = services(request)
+    if charge:
+        spend_credit(request, key)
+    try:
+        job, created = svc.broker.submit(
+            to_payload(canonical, svc.store),
+            priority=Priority(priority),
+            key_id=key.id if key else None,
+            idempotency_key=idempotency_key,
+            request_hash=request_hash,
+            max_depth=svc.settings.queue_max_depth,
+        )
+    except BaseException:
+        if charge and key is not None:
+            svc.keys.refund(key.id)
+        raise
+    if created:
+        svc.worker.wake()
+    elif charge and key is not None:
+        svc.keys.refund(key.id)  # the same idempotent request again: one job, one charge
+    body = job_json(svc, job)
+    return JSONResponse(body, status_code=202, headers={"Location": absolute(svc, f"/jobs/{job.id}")})
+
+
+def _spec(request: Request, modality: str, family: str, model: str) -> ModelSpec:
+    spec = services(request).catalog.resolve(family, model)
+    if spec.modality != modality:
+        raise InvalidParameters(f"{spec.key} makes {spec.modality}s; use /{spec.modality}/{family}/{model}/…")
+    return spec
+
+
+def _own_job(request: Request, job_id: str, key: KeyRecord | None):
+    job = services(request).broker.get(job_id)
+    if job is None or (key is not None and job.key_id != key.id):
+        raise ApiError(404, "not_found", f"no job {job_id}")
+    return job
+
+
+def _hash(body: QueueBody) -> str:
+    data: dict[str, Any] = body.model_dump(exclude={"idempotency_key"}, exclude_none=True)
+    return hashlib.sha256(json.dumps(data, sort_keys=True, separators=(",", ":")).encode()).hexdigest()

@@ -1,0 +1,53 @@
+"""What the HTTP layer talks to, gathered in one object the composition root (kiln.server) builds.
+
+Routes reach it as ``request.app.state.services``; they never import the engine or torch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Protocol
+
+from kiln.api.fetch import FetchPolicy
+from kiln.catalog import Catalog
+from kiln.keys import KeyStore, RateLimiter
+from kiln.queue import Broker
+from kiln.settings import Settings
+from kiln.storage import AssetStore
+
+if TYPE_CHECKING:
+    from kiln.engine.request import GenerationRequest
+
+
+class WorkerHandle(Protocol):
+    alive: bool
+    current_job: str | None
+    seconds_per_job: float | None
+
+    def run_sync(self, request: GenerationRequest, *, wait_s: float, retry_after: int) -> Any: ...
+
+    def wake(self) -> None: ...
+
+
+@dataclass
+class Services:
+    settings: Settings
+    catalog: Catalog
+    broker: Broker
+    store: AssetStore
+    keys: KeyStore
+    worker: WorkerHandle
+    # Validates a canonical request against the catalog and decodes its inputs (the engine's
+    # planner); raises Kiln's user errors. Blocking: call it in a thread.
+    validate: Callable[[GenerationRequest], Any]
+    limiter: RateLimiter = field(default_factory=RateLimiter)
+    upload_limiter: RateLimiter = field(default_factory=RateLimiter)
+    backends: tuple[str, ...] = ("torch",)
+    fetch_policy: FetchPolicy = field(init=False)
+
+    def __post_init__(self) -> None:
+        # built once, so a bad setting fails at start-up rather than on every request
+        self.fetch_policy = FetchPolicy(
+            max_bytes=self.settings.max_upload_bytes, allow_private=self.settings.allow_private_fetch
+        )

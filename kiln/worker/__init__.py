@@ -1,0 +1,6 @@
+"""The worker: owns the engine, runs sync requests and queued jobs, stores their outputs."""
+
+from kiln.worker.payload import from_payload, to_payload
+from kiln.worker.runner import Stored, Worker
+
+__all__ = ["Stored", "Worker", "from_payload", "to_payload"]

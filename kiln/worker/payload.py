@@ -1,0 +1,45 @@
+"""How a generation request travels through the queue: JSON, with input images stored as uploads.
+
+Image bytes never sit in the job table: the API stores them as ``u`` assets (content-addressed, so
+a repeated input costs nothing) and the payload names them; the worker reads them back.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from kiln.engine.request import GenerationRequest
+from kiln.errors import InvalidImage
+from kiln.storage import AssetStore
+
+INPUT_FIELDS = ("image", "mask")
+
+
+def to_payload(request: GenerationRequest, store: AssetStore) -> dict[str, Any]:
+    """``{"request": {...}}``; the API may add job-level entries (a webhook) beside ``request``."""
+    data = request.model_dump(exclude=set(INPUT_FIELDS), exclude_none=True)
+    for field in INPUT_FIELDS:
+        value = getattr(request, field)
+        if value is not None:
+            data[f"{field}_asset"] = store.put(value, "u", _sniff(value)).name
+    return {"request": data}
+
+
+def from_payload(payload: dict[str, Any], store: AssetStore) -> GenerationRequest:
+    data = payload["request"]
+    fields = {k: v for k, v in data.items() if not k.endswith("_asset")}
+    for field in INPUT_FIELDS:
+        name = data.get(f"{field}_asset")
+        if name is not None:
+            fields[field] = store.read("u", name)
+    return GenerationRequest.create(**fields)
+
+
+def _sniff(data: bytes) -> str:
+    if data.startswith(b"\x89PNG\r\n\x1a\n"):
+        return "image/png"
+    if data.startswith(b"\xff\xd8\xff"):
+        return "image/jpeg"
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return "image/webp"
+    raise InvalidImage("input images must be PNG, JPEG or WebP")

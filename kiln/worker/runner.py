@@ -1,0 +1,188 @@
+"""The worker: the one owner of the engine in a process.
+
+It runs sync requests first (a client is waiting on the connection), then async jobs claimed from
+the broker. The sync tier has no queue: a sync request that the worker cannot start within its
+wait is withdrawn and answered 503 by the API.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import deque
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+
+from kiln.engine import Engine, GenerationRequest, GenerationResult, Output
+from kiln.errors import CapacityExhausted, GenerationCancelled, GenerationError, KilnError
+from kiln.queue import Broker, Job
+from kiln.storage import Asset, AssetStore
+from kiln.worker.payload import from_payload
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Stored:
+    """A finished generation whose outputs are in the asset store."""
+
+    result: GenerationResult
+    assets: list[Asset]
+    media_type: str
+    first_bytes: bytes  # the first output, as the sync tier returns it
+
+
+@dataclass
+class _SyncItem:
+    request: GenerationRequest
+    future: Future = field(default_factory=Future)
+    started: threading.Event = field(default_factory=threading.Event)
+    withdrawn: bool = False
+
+
+class Worker:
+    def __init__(
+        self, engine: Engine, broker: Broker, store: AssetStore, *, worker_id: str = "local", preload: tuple[str, ...] = ()
+    ) -> None:
+        self.engine, self.broker, self.store, self.worker_id = engine, broker, store, worker_id
+        self.preload = preload  # model keys loaded before the worker reports alive (ready)
+        self._sync: deque[_SyncItem] = deque()
+        self._cond = threading.Condition()
+        self._stopping = False
+        self._thread: threading.Thread | None = None
+        self.current_job: str | None = None
+        self.seconds_per_job: float | None = None  # moving average of measured run times
+        self.alive = False
+
+    # --- lifecycle ---------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        self.broker.recover()
+        self._thread = threading.Thread(target=self._loop, name="kiln-worker", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """Finish the job in hand (or hand it back if it outlasts ``timeout``) and stop."""
+        with self._cond:
+            self._stopping = True
+            self._cond.notify_all()
+        if self._thread is not None:
+            self._thread.join(timeout)
+            if self._thread.is_alive() and self.current_job is not None:
+                log.warning("job %s still running at shutdown; it will run again at next start", self.current_job)
+
+    def wake(self) -> None:
+        with self._cond:
+            self._cond.notify_all()
+
+    # --- sync tier ---------------------------------------------------------------------------------
+
+    def run_sync(self, request: GenerationRequest, *, wait_s: float, retry_after: int) -> Stored:
+        """Run ``request`` now or raise :class:`CapacityExhausted` if it cannot start within ``wait_s``.
+
+        Blocking: call it from a thread, not from the event loop.
+        """
+        item = _SyncItem(request)
+        with self._cond:
+            self._sync.append(item)
+            self._cond.notify_all()
+        if not item.started.wait(wait_s):
+            with self._cond:
+                if not item.started.is_set():
+                    item.withdrawn = True
+                    self._sync.remove(item)
+                    raise CapacityExhausted(
+                        f"sync tier at capacity, retry in {retry_after}s or use async", retry_after=retry_after
+                    )
+        return item.future.result()
+
+    # --- the loop ----------------------------------------------------------------------------------
+
+    def _loop(self) -> None:
+        for key in self.preload:
+            try:
+                self.engine.load(self.engine.catalog.models[key])
+            except KilnError as exc:
+                log.warning("could not preload %s: %s", key, exc.message)
+        self.alive = True
+        try:
+            while True:
+                with self._cond:
+                    if self._stopping:
+                        return
+                    item = self._sync.popleft() if self._sync else None
+                    if item is not None:
+                        item.started.set()
+                if item is not None:
+                    self._run_sync_item(item)
+                    continue
+                job = self.broker.claim(self.worker_id)
+                if job is not None:
+                    self._run_job(job)
+                    continue
+                with self._cond:
+                    if not self._sync and not self._stopping:
+                        self._cond.wait(timeout=0.5)
+        finally:
+            self.alive = False
+
+    def _run_sync_item(self, item: _SyncItem) -> None:
+        try:
+            item.future.set_result(self._generate(item.request))
+        except BaseException as exc:  # handed to the waiting request, which maps it to HTTP
+            item.future.set_exception(exc if isinstance(exc, KilnError) else GenerationError("generation failed"))
+
+    def _run_job(self, job: Job) -> None:
+        self.current_job = job.id
+        cancel = threading.Event()
+
+        def on_step(event) -> None:
+            if self.broker.report_progress(job.id, event.step, event.total):
+                cancel.set()
+
+        try:
+            stored = self._generate(from_payload(job.payload, self.store), on_step=on_step, cancel=cancel)
+        except GenerationCancelled:
+            self.broker.mark_cancelled(job.id)
+        except KilnError as exc:
+            self.broker.fail(job.id, exc.code, exc.message)
+        except Exception:
+            log.exception("job %s failed", job.id)
+            self.broker.fail(job.id, "generation_failed", "the generation failed; see the server log")
+        else:
+            result = stored.result
+            self.broker.complete(
+                job.id,
+                f"/{stored.assets[0].kind}/{stored.assets[0].name}",
+                {
+                    "outputs": [f"/{a.kind}/{a.name}" for a in stored.assets],
+                    "seed": result.seed,
+                    "duration_ms": result.elapsed_ms,
+                    "width": result.width,
+                    "height": result.height,
+                },
+            )
+        finally:
+            self.current_job = None
+
+    def _generate(self, request: GenerationRequest, *, on_step=None, cancel=None) -> Stored:
+        started = time.perf_counter()
+        result = self.engine.generate(request, on_step=on_step, cancel=cancel)
+        assets, first = [], b""
+        media_type = "application/octet-stream"
+        for output in result.outputs:
+            data, media_type, kind = _encode(output)
+            assets.append(self.store.put(data, kind, media_type))
+            first = first or data
+        took = time.perf_counter() - started
+        self.seconds_per_job = took if self.seconds_per_job is None else 0.8 * self.seconds_per_job + 0.2 * took
+        return Stored(result=result, assets=assets, media_type=media_type, first_bytes=first)
+
+
+def _encode(output: Output) -> tuple[bytes, str, str]:
+    from kiln.engine import VideoOutput
+
+    if isinstance(output, VideoOutput):
+        return output.encode("mp4"), "video/mp4", "v"
+    return output.encode("webp"), "image/webp", "i"

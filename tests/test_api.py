@@ -1,0 +1,261 @@
+"""The render API in process, on the toy engine and on fakes for failure modes."""
+
+from __future__ import annotations
+
+import base64
+import io
+
+import pytest
+from PIL import Image
+
+from api_helpers import running_server
+from helpers import png
+from kiln.errors import CapacityExhausted
+from kiln.queue import JobStatus
+
+pytestmark = pytest.mark.slow
+
+PROMPT = {"prompt": "a red circle on a blue background"}
+
+
+@pytest.fixture
+def server(tmp_path, engine):
+    with running_server(tmp_path, engine) as srv:
+        yield srv
+
+
+def test_sync_image_returns_bytes_and_a_permanent_url(server):
+    r = server.client.post("/image/flux/dev/t2i?format=toy-96x64", json={**PROMPT, "steps": 15, "seed": 42},
+                           headers=server.auth)
+    assert r.status_code == 200, r.text
+    assert r.headers["content-type"] == "image/webp" and r.headers["x-seed"] == "42"
+    assert int(r.headers["x-generation-time"]) >= 0
+    with Image.open(io.BytesIO(r.content)) as img:
+        assert img.size == (96, 64)
+    location = r.headers["content-location"]
+    assert location.startswith("http://127.0.0.1:8080/i/") and location.endswith(".webp")
+    cdn = server.client.get(location.removeprefix("http://127.0.0.1:8080"))
+    assert cdn.status_code == 200 and cdn.content == r.content
+    assert cdn.headers["cache-control"] == "public, max-age=31536000, immutable" and cdn.headers["etag"]
+    assert "x-ratelimit-limit" in r.headers and "x-ratelimit-remaining" in r.headers
+
+
+def test_aliases_resolve_in_the_path(server):
+    r = server.client.post("/image/flux/default/t2i?format=toy-64", json={**PROMPT, "steps": 15}, headers=server.auth)
+    assert r.status_code == 200, r.text
+
+
+def test_sync_video(server):
+    r = server.client.post("/video/wan/default/t2v?format=toy-64", json={**PROMPT, "duration": 0.5, "steps": 10, "cfg": 7},
+                           headers=server.auth)
+    assert r.status_code == 200, r.text
+    assert r.headers["content-type"] == "video/mp4" and r.headers["content-location"].split("/")[-2] == "v"
+
+
+@pytest.mark.parametrize(("path", "body", "status", "code"), [
+    ("/image/flux/dev9/t2i", PROMPT, 404, "model_not_found"),
+    ("/image/flux/dev/t2i?format=2048", PROMPT, 400, "unsupported_format"),
+    ("/image/flux/dev/t2i?format=toy-64", {**PROMPT, "steps": 99}, 400, "invalid_parameters"),
+    ("/image/flux/dev/t2i?format=toy-64", {"prompt": "ab"}, 400, "invalid_prompt"),
+    ("/image/flux/dev/t2i?format=toy-64", {"prompt": "x" * 5001}, 400, "invalid_prompt"),
+    ("/image/flux/dev/t2i?format=toy-64", {**PROMPT, "seed": 2**32}, 400, "invalid_parameters"),
+    ("/image/flux/dev/t2i?format=toy-64", {**PROMPT, "colour": "red"}, 400, "invalid_parameters"),
+    ("/image/flux/dev/t2i?format=toy-64", {**PROMPT, "sampler": "ddim"}, 400, "invalid_parameters"),
+    ("/image/flux/dev/t2i?format=toy-64", {**PROMPT, "loras": [{"url": "https://x/y.safetensors", "weight": 1}]}, 400,
+     "invalid_parameters"),
+    ("/image/flux/schnell/t2i?format=toy-64", {**PROMPT, "guidance": 2.0}, 400, "invalid_parameters"),
+    ("/video/flux/dev/t2i?format=toy-64", PROMPT, 400, "invalid_parameters"),
+    ("/image/flux/dev/i2i?format=toy-64", {**PROMPT, "image": "data:image/png;base64,!!!"}, 400, "invalid_image"),
+])
+def test_bad_requests_get_the_reference_error_schema(server, path, body, status, code):
+    r = server.client.post(path, json=body, headers=server.auth)
+    assert r.status_code == status, r.text
+    data = r.json()
+    assert data["error"] == code and isinstance(data["message"], str) and "Traceback" not in r.text
+
+
+def test_i2i_from_a_data_uri_and_from_an_upload(server):
+    data_uri = "data:image/png;base64," + base64.b64encode(png(80, 64)).decode()
+    r = server.client.post("/image/flux/dev/i2i?format=toy-64", json={**PROMPT, "image": data_uri, "steps": 15},
+                           headers=server.auth)
+    assert r.status_code == 200, r.text
+    up = server.client.post("/uploads", files={"file": ("in.png", png(80, 64), "image/png")}, headers=server.auth)
+    assert up.status_code == 200, up.text
+    url = up.json()["url"]
+    assert "/u/" in url and url.endswith(".png")
+    r = server.client.post("/image/flux/dev/i2i?format=toy-64", json={**PROMPT, "image": url, "steps": 15},
+                           headers=server.auth)
+    assert r.status_code == 200, r.text
+
+
+@pytest.mark.parametrize(("content", "message"), [
+    (b"not an image", "not a readable"),
+    (b"GIF89a" + b"\x00" * 100, "not a readable"),
+])
+def test_bad_uploads(server, content, message):
+    r = server.client.post("/uploads", files={"file": ("x.png", content, "image/png")}, headers=server.auth)
+    assert r.status_code == 400 and r.json()["error"] == "invalid_image" and message in r.json()["message"]
+
+
+def test_queue_job_runs_to_a_303(server):
+    r = server.client.post("/queue", json={**PROMPT, "modality": "image", "family": "flux", "model": "dev", "task": "t2i",
+                                           "format": "toy-64", "steps": 15}, headers=server.auth)
+    assert r.status_code == 202, r.text
+    job = r.json()
+    assert job["status"] == "queued" and job["id"].startswith("j_") and job["position"] >= 1 and job["created_at"]
+    server.wait_for(job["id"])
+    done = server.client.get(f"/jobs/{job['id']}", headers=server.auth, follow_redirects=False)
+    assert done.status_code == 303
+    assert done.headers["location"] == done.json()["output"] and done.json()["status"] == "complete"
+    assert done.json()["duration_ms"] >= 0 and done.json()["completed_at"]
+
+
+def test_unknown_and_foreign_jobs_are_404(server):
+    assert server.client.get("/jobs/j_nope", headers=server.auth).json()["error"] == "not_found"
+    other = server.services.keys.create("other").secret
+    r = server.client.post("/queue", json={**PROMPT, "modality": "image", "family": "flux", "model": "dev", "task": "t2i",
+                                           "format": "toy-64", "steps": 15}, headers={"Authorization": f"Bearer {other}"})
+    assert server.client.get(f"/jobs/{r.json()['id']}", headers=server.auth).status_code == 404
+
+
+@pytest.mark.parametrize(("headers", "status", "code"), [
+    ({}, 401, "invalid_token"),
+    ({"Authorization": "Bearer nonsense"}, 401, "invalid_token"),
+    ({"Authorization": "Basic abc"}, 401, "invalid_token"),
+    ({"Authorization": "Bearer kiln_sk_" + "a" * 43}, 401, "invalid_token"),
+])
+def test_auth_failures(server, headers, status, code):
+    r = server.client.get("/models", headers=headers)
+    assert (r.status_code, r.json()["error"]) == (status, code)
+
+
+def test_revoked_key_credits_and_rate(server):
+    keys = server.services.keys
+    revoked = keys.create("gone")
+    keys.revoke(revoked.record.id)
+    r = server.client.get("/models", headers={"Authorization": f"Bearer {revoked.secret}"})
+    assert (r.status_code, r.json()["error"]) == (401, "token_expired")
+    broke = keys.create("broke", credits=0).secret
+    r = server.client.post("/image/flux/dev/t2i?format=toy-64", json={**PROMPT, "steps": 15},
+                           headers={"Authorization": f"Bearer {broke}"})
+    assert (r.status_code, r.json()["error"]) == (402, "insufficient_credits")
+    slow = keys.create("slow", rate_per_min=2).secret
+    hdr = {"Authorization": f"Bearer {slow}"}
+    assert [server.client.get("/models", headers=hdr).status_code for _ in range(2)] == [200, 200]
+    r = server.client.get("/models", headers=hdr)
+    assert r.status_code == 429 and r.json()["error"] == "rate_limit_exceeded"
+    assert int(r.headers["retry-after"]) >= 1 and r.json()["retry_after"] >= 1
+    assert r.headers["x-ratelimit-remaining"] == "0"
+
+
+def test_models_and_aliases(server):
+    models = server.client.get("/models", headers=server.auth).json()["models"]
+    schnell = next(m for m in models if m["model"] == "schnell")
+    assert schnell["info"]["fixed_steps"] == 4 and schnell["backends"] == ["torch"] and schnell["status"] == "active"
+    assert {m["modality"] for m in server.client.get("/models?modality=video", headers=server.auth).json()["models"]} == {"video"}
+    assert {m["family"] for m in server.client.get("/models?family=zimage", headers=server.auth).json()["models"]} == {"zimage"}
+    aliases = server.client.get("/models/aliases", headers=server.auth).json()
+    assert aliases["aliases"] == {"latest": "dev2", "default": "dev", "fast": "schnell", "turbo": "turbo"}
+    assert aliases["updated_at"].endswith("Z")
+
+
+def test_health_docs_and_unknown_routes(server):
+    assert server.client.get("/healthz").json() == {"status": "ok"}
+    assert server.client.get("/readyz").status_code == 200
+    assert server.client.get("/openapi.json").status_code == 200
+    r = server.client.get("/nope", headers=server.auth)
+    assert r.status_code == 404 and r.json()["error"] == "not_found"
+
+
+# --- fakes for failure modes --------------------------------------------------------------------
+
+
+class BusyWorker:
+    alive, current_job, seconds_per_job = True, None, 4.0
+
+    def run_sync(self, request, *, wait_s, retry_after):
+        raise CapacityExhausted(f"sync tier at capacity, retry in {retry_after}s or use async", retry_after=retry_after)
+
+    def wake(self):
+        pass
+
+    def start(self):
+        pass
+
+    def stop(self):
+        pass
+
+
+@pytest.fixture
+def busy(tmp_path, engine):
+    with running_server(tmp_path, engine, worker=BusyWorker(), queue_max_depth=2) as srv:
+        yield srv
+
+
+def test_capacity_exhausted_is_503_with_retry_after(busy):
+    r = busy.client.post("/image/flux/dev/t2i?format=toy-64", json=PROMPT, headers=busy.auth)
+    assert r.status_code == 503 and r.headers["retry-after"] == "5"
+    assert r.json() == {"error": "capacity_exhausted", "message": "sync tier at capacity, retry in 5s or use async",
+                        "retry_after": 5}
+
+
+def test_prefer_respond_async_turns_503_into_a_job(busy):
+    r = busy.client.post("/image/flux/dev/t2i?format=toy-64", json=PROMPT,
+                         headers={**busy.auth, "Prefer": "respond-async"})
+    assert r.status_code == 202 and r.json()["status"] == "queued" and r.headers["location"].endswith(r.json()["id"])
+    assert r.json()["eta_seconds"] == 4  # one job ahead of nothing, at the measured 4 s per job
+
+
+def queue_body(**extra):
+    return {**PROMPT, "modality": "image", "family": "flux", "model": "dev", "task": "t2i", "format": "toy-64", **extra}
+
+
+def test_idempotency_cancel_and_queue_full(busy):
+    first = busy.client.post("/queue", json=queue_body(idempotency_key="k1"), headers=busy.auth).json()
+    again = busy.client.post("/queue", json=queue_body(idempotency_key="k1"), headers=busy.auth).json()
+    assert again["id"] == first["id"]
+    conflict = busy.client.post("/queue", json=queue_body(idempotency_key="k1", steps=20), headers=busy.auth)
+    assert conflict.status_code == 409 and conflict.json()["error"] == "idempotency_conflict"
+    second = busy.client.post("/queue", json=queue_body(priority="high"), headers=busy.auth).json()
+    assert second["position"] == 1  # high goes first
+    full = busy.client.post("/queue", json=queue_body(), headers=busy.auth)
+    assert full.status_code == 429 and full.json()["error"] == "queue_full"
+    cancelled = busy.client.delete(f"/jobs/{first['id']}", headers=busy.auth).json()
+    assert cancelled["status"] == "cancelled" and cancelled["cancelled_at"]
+    assert busy.services.broker.get(first["id"]).status is JobStatus.CANCELLED
+
+
+def test_failed_job_shows_its_error(busy):
+    job = busy.client.post("/queue", json=queue_body(), headers=busy.auth).json()
+    broker = busy.services.broker
+    broker.claim("w")
+    broker.fail(job["id"], "out_of_memory", "flux/dev ran out of memory at 1024x1024")
+    body = busy.client.get(f"/jobs/{job['id']}", headers=busy.auth).json()
+    assert body["status"] == "failed" and body["error"] == {"code": "out_of_memory",
+                                                            "message": "flux/dev ran out of memory at 1024x1024"}
+
+
+def test_running_job_shows_progress(busy):
+    job = busy.client.post("/queue", json=queue_body(), headers=busy.auth).json()
+    busy.services.broker.claim("w")
+    busy.services.broker.report_progress(job["id"], 5, 20)
+    body = busy.client.get(f"/jobs/{job['id']}", headers=busy.auth).json()
+    assert (body["status"], body["step"], body["total_steps"], body["progress"]) == ("running", 5, 20, 0.25)
+
+
+def test_cdn_etag_ranges_and_names(busy):
+    asset = busy.services.store.put(b"\x00\x00\x00\x18ftypmp42" + bytes(range(256)) * 4, "v", "video/mp4")
+    path = f"/v/{asset.name}"
+    full = busy.client.get(path)
+    assert full.status_code == 200 and full.headers["accept-ranges"] == "bytes"
+    assert busy.client.get(path, headers={"If-None-Match": full.headers["etag"]}).status_code == 304
+    part = busy.client.get(path, headers={"Range": "bytes=10-19"})
+    assert part.status_code == 206 and part.content == full.content[10:20]
+    assert part.headers["content-range"] == f"bytes 10-19/{len(full.content)}"
+    assert busy.client.get(path, headers={"Range": "bytes=-5"}).content == full.content[-5:]
+    assert busy.client.get(path, headers={"Range": "bytes=99999-"}).status_code == 416
+    head = busy.client.head(path)
+    assert head.status_code == 200 and head.content == b"" and head.headers["content-length"] == str(len(full.content))
+    for bad in ("/v/..%2f..%2fetc%2fpasswd", "/i/" + "a" * 64 + ".exe", "/u/xyz.png"):
+        r = busy.client.get(bad)
+        assert r.status_code == 404 and r.json()["error"] == "not_found"
