@@ -259,3 +259,50 @@ def test_cdn_etag_ranges_and_names(busy):
     for bad in ("/v/..%2f..%2fetc%2fpasswd", "/i/" + "a" * 64 + ".exe", "/u/xyz.png"):
         r = busy.client.get(bad)
         assert r.status_code == 404 and r.json()["error"] == "not_found"
+
+
+def read_events(response) -> list[tuple[str, str, dict]]:
+    import json
+
+    events, current = [], {}
+    for line in response.iter_lines():
+        if line.startswith(":"):
+            continue
+        if not line:
+            if current:
+                events.append((current.get("id"), current.get("event"), json.loads(current.get("data", "{}"))))
+                current = {}
+            continue
+        field, _, value = line.partition(": ")
+        current[field] = value
+    return events
+
+
+def test_sse_follows_a_job_to_the_end_and_resumes(server):
+    job = server.client.post("/queue", json=queue_body(steps=15), headers=server.auth).json()
+    with server.client.stream("GET", f"/jobs/{job['id']}/events", headers=server.auth) as r:
+        assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+        events = read_events(r)
+    names = [name for _, name, _ in events]
+    assert names[-1] == "complete" and "started" in names
+    assert events[-1][2]["output"].startswith("http://127.0.0.1:8080/i/")
+    ids = [int(i) for i, name, _ in events if name != "position"]
+    assert ids == sorted(ids)
+    # a finished job replays its terminal event; Last-Event-ID skips what was seen
+    with server.client.stream("GET", f"/jobs/{job['id']}/events", headers={**server.auth, "Last-Event-ID": "1"}) as r:
+        assert [name for _, name, _ in read_events(r)] == ["complete"]
+    with server.client.stream("GET", f"/jobs/{job['id']}/events",
+                              headers={**server.auth, "Last-Event-ID": "1000000"}) as r:
+        assert read_events(r) == []
+
+
+def test_sse_for_unknown_job_is_404_before_streaming(server):
+    r = server.client.get("/jobs/j_missing/events", headers=server.auth)
+    assert r.status_code == 404 and r.json()["error"] == "not_found"
+
+
+def test_sse_reports_position_then_cancellation(busy):
+    job = busy.client.post("/queue", json=queue_body(), headers=busy.auth).json()
+    busy.services.broker.cancel(job["id"])
+    with busy.client.stream("GET", f"/jobs/{job['id']}/events", headers=busy.auth) as r:
+        assert [name for _, name, _ in read_events(r)] == ["cancelled"]

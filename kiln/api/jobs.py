@@ -6,7 +6,9 @@ import time
 from datetime import UTC, datetime
 from typing import Any
 
+from kiln.api.errors import ApiError
 from kiln.api.services import Services
+from kiln.keys import KeyRecord
 from kiln.queue import Job, JobStatus
 
 
@@ -16,6 +18,14 @@ def iso(ts: float | None) -> str | None:
 
 def absolute(svc: Services, path: str) -> str:
     return svc.settings.base_url() + path
+
+
+def own_job(svc: Services, job_id: str, key: KeyRecord | None) -> Job:
+    """The job, if it exists and belongs to ``key``; another key's job is as unknown as a missing one."""
+    job = svc.broker.get(job_id)
+    if job is None or (key is not None and job.key_id != key.id):
+        raise ApiError(404, "not_found", f"no job {job_id}")
+    return job
 
 
 def job_json(svc: Services, job: Job) -> dict[str, Any]:

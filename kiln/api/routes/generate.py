@@ -11,8 +11,7 @@ from fastapi.responses import JSONResponse, Response
 from starlette.concurrency import run_in_threadpool
 
 from kiln.api.auth import authenticate, services, spend_credit
-from kiln.api.errors import ApiError
-from kiln.api.jobs import absolute, job_json
+from kiln.api.jobs import absolute, job_json, own_job
 from kiln.api.requests import build_request
 from kiln.api.schemas import GenerateBody, QueueBody
 from kiln.catalog import ModelSpec
@@ -60,7 +59,7 @@ async def submit(body: QueueBody, request: Request, key: KeyRecord | None = Depe
 async def get_job(job_id: str, request: Request, key: KeyRecord | None = Depends(authenticate)) -> Response:
     """A job's state; a complete job answers 303 to its output, with the JSON body as well."""
     svc = services(request)
-    job = _own_job(request, job_id, key)
+    job = own_job(svc, job_id, key)
     body = job_json(svc, job)
     if job.status is JobStatus.COMPLETE:
         return JSONResponse(body, status_code=303, headers={"Location": body["output"]})
@@ -71,7 +70,7 @@ async def get_job(job_id: str, request: Request, key: KeyRecord | None = Depends
 async def cancel_job(job_id: str, request: Request, key: KeyRecord | None = Depends(authenticate)) -> JSONResponse:
     """Cancel a queued job, or stop a running one between steps (its status turns cancelled shortly)."""
     svc = services(request)
-    _own_job(request, job_id, key)
+    own_job(svc, job_id, key)
     job = svc.broker.cancel(job_id)
     return JSONResponse(job_json(svc, job))
 
@@ -136,13 +135,6 @@ def _spec(request: Request, modality: str, family: str, model: str) -> ModelSpec
     if spec.modality != modality:
         raise InvalidParameters(f"{spec.key} makes {spec.modality}s; use /{spec.modality}/{family}/{model}/…")
     return spec
-
-
-def _own_job(request: Request, job_id: str, key: KeyRecord | None):
-    job = services(request).broker.get(job_id)
-    if job is None or (key is not None and job.key_id != key.id):
-        raise ApiError(404, "not_found", f"no job {job_id}")
-    return job
 
 
 def _hash(body: QueueBody) -> str:
