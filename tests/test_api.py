@@ -306,3 +306,56 @@ def test_sse_reports_position_then_cancellation(busy):
     busy.services.broker.cancel(job["id"])
     with busy.client.stream("GET", f"/jobs/{job['id']}/events", headers=busy.auth) as r:
         assert [name for _, name, _ in read_events(r)] == ["cancelled"]
+
+
+def ws_generate(**extra):
+    return {"type": "generate", "modality": "image", "family": "flux", "model": "dev", "task": "t2i",
+            "format": "toy-64", "prompt": "a red circle", "steps": 15, **extra}
+
+
+def test_websocket_streams_frames_then_completes(server):
+    with server.client.websocket_connect("/ws") as ws:
+        ws.send_json({"type": "auth", "token": server.key})
+        ws.send_json(ws_generate(id="a", stream_frames=True, seed=3))
+        frames = []
+        while True:
+            message = ws.receive_json()
+            if message["type"] != "frame":
+                break
+            frames.append(message)
+        assert message["type"] == "complete" and message["id"] == "a", message
+        assert message["output"].startswith("http://127.0.0.1:8080/i/") and message["latency_ms"] >= 0
+        assert [f["step"] for f in frames] == list(range(1, 16)) and {f["total_steps"] for f in frames} == {15}
+        with Image.open(io.BytesIO(base64.b64decode(frames[0]["data"]))) as preview:
+            assert preview.format == "WEBP"
+        # a second generation on the same connection, without frames
+        ws.send_json(ws_generate(id="b"))
+        assert ws.receive_json()["type"] == "complete"
+
+
+def test_websocket_errors_and_auth(server):
+    with server.client.websocket_connect("/ws") as ws:
+        ws.send_json({"type": "generate"})
+        message = ws.receive_json()
+        assert message["type"] == "error" and message["error"] == "invalid_token"
+    with server.client.websocket_connect("/ws", headers=server.auth) as ws:
+        ws.send_json(ws_generate(id="x", steps=99))
+        message = ws.receive_json()
+        assert (message["type"], message["id"], message["error"]) == ("error", "x", "invalid_parameters")
+        ws.send_json(ws_generate(id="y", family="nope"))
+        assert ws.receive_json()["error"] == "model_not_found"
+        ws.send_json({"type": "dance"})
+        assert ws.receive_json()["error"] == "invalid_parameters"
+        ws.send_json({"type": "cancel", "id": "zzz"})
+        assert ws.receive_json()["error"] == "not_found"
+
+
+def test_websocket_cancel_stops_a_generation(server):
+    with server.client.websocket_connect("/ws", headers=server.auth) as ws:
+        ws.send_json(ws_generate(id="c", stream_frames=True, steps=50))
+        first = ws.receive_json()
+        assert first["type"] == "frame"
+        ws.send_json({"type": "cancel", "id": "c"})
+        while (message := ws.receive_json())["type"] == "frame":
+            pass
+        assert (message["type"], message["id"], message["error"]) == ("error", "c", "cancelled")

@@ -10,7 +10,7 @@ from fastapi import FastAPI, Request
 from kiln import __version__
 from kiln.api import errors
 from kiln.api.auth import rate_headers
-from kiln.api.routes import cdn, discovery, events, generate, ops, uploads
+from kiln.api.routes import cdn, discovery, events, generate, ops, uploads, ws
 from kiln.api.services import Services
 
 
@@ -43,6 +43,6 @@ def create_app(services: Services, *, on_start: Callable[[], None] | None = None
         response.headers.update(rate_headers(request))
         return response
 
-    for module in (generate, events, discovery, uploads, cdn, ops):
+    for module in (generate, events, ws, discovery, uploads, cdn, ops):
         app.include_router(module.router)
     return app

@@ -21,6 +21,11 @@ async def authenticate(request: Request) -> KeyRecord | None:
     token = token.strip()
     if scheme.lower() != "bearer" or not token:
         raise ApiError(401, "invalid_token", "missing API key: send Authorization: Bearer <key>")
+    return authenticate_token(svc, token, request)
+
+
+def authenticate_token(svc, token: str, request: Request | None = None) -> KeyRecord:
+    """Check a presented key and count the request against its rate (HTTP and WebSocket alike)."""
     if not looks_like_a_key(token):
         raise ApiError(401, "invalid_token", "API key format invalid")
     record = svc.keys.lookup(token)
@@ -29,7 +34,8 @@ async def authenticate(request: Request) -> KeyRecord | None:
     if not record.active(svc.keys.clock()):
         raise ApiError(401, "token_expired", "API key has been revoked or has expired")
     rate = svc.limiter.hit(record.id, record.rate_per_min)
-    request.state.rate = rate
+    if request is not None:
+        request.state.rate = rate
     if not rate.allowed:
         raise ApiError(429, "rate_limit_exceeded", f"Rate limit: {rate.limit}/min", retry_after=rate.reset_s)
     return record

@@ -2,22 +2,20 @@
 
 from __future__ import annotations
 
-from fastapi import Request
 from starlette.concurrency import run_in_threadpool
 
-from kiln.api.auth import services
 from kiln.api.fetch import resolve_image_input
 from kiln.api.schemas import NOT_YET, GenerateBody
+from kiln.api.services import Services
 from kiln.catalog import ModelSpec
 from kiln.engine.request import GenerationRequest
 from kiln.errors import InvalidParameters
 
 
 async def build_request(
-    request: Request, body: GenerateBody, spec: ModelSpec, task: str, fmt: str | None
+    svc: Services, body: GenerateBody, spec: ModelSpec, task: str, fmt: str | None
 ) -> GenerationRequest:
     """Resolve inputs, map names (``cfg`` is video guidance), validate against the catalog."""
-    svc = services(request)
     for name in NOT_YET:
         if getattr(body, name) not in (None, False):
             raise InvalidParameters(f"{name} is not available on this server yet; leave it out")
@@ -25,8 +23,8 @@ async def build_request(
         raise InvalidParameters("send cfg or guidance, not both")
     if body.cfg is not None and spec.modality != "video":
         raise InvalidParameters("cfg is the video guidance; image models take guidance")
-    image = await _input(request, body.image, "image") if body.image else None
-    mask = await _input(request, body.mask, "mask") if body.mask else None
+    image = await _input(svc, body.image, "image") if body.image else None
+    mask = await _input(svc, body.mask, "mask") if body.mask else None
     canonical = GenerationRequest.create(
         family=spec.family,
         model=spec.model,
@@ -48,8 +46,7 @@ async def build_request(
     return canonical
 
 
-async def _input(request: Request, value: str, what: str) -> bytes:
-    svc = services(request)
+async def _input(svc: Services, value: str, what: str) -> bytes:
 
     def own_upload(name: str) -> bytes | None:
         # the fetcher validated the name; a concurrent expiry raises AssetNotFound, read as missing

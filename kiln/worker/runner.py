@@ -11,10 +11,11 @@ import logging
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 
-from kiln.engine import Engine, GenerationRequest, GenerationResult, Output
+from kiln.engine import Engine, GenerationRequest, GenerationResult, Output, StepEvent
 from kiln.errors import CapacityExhausted, GenerationCancelled, GenerationError, KilnError
 from kiln.queue import Broker, Job
 from kiln.storage import Asset, AssetStore
@@ -36,6 +37,9 @@ class Stored:
 @dataclass
 class _SyncItem:
     request: GenerationRequest
+    on_step: Callable[[StepEvent], None] | None = None
+    cancel: threading.Event | None = None
+    previews: bool = False
     future: Future = field(default_factory=Future)
     started: threading.Event = field(default_factory=threading.Event)
     withdrawn: bool = False
@@ -78,12 +82,22 @@ class Worker:
 
     # --- sync tier ---------------------------------------------------------------------------------
 
-    def run_sync(self, request: GenerationRequest, *, wait_s: float, retry_after: int) -> Stored:
+    def run_sync(
+        self,
+        request: GenerationRequest,
+        *,
+        wait_s: float,
+        retry_after: int,
+        on_step: Callable[[StepEvent], None] | None = None,
+        cancel: threading.Event | None = None,
+        previews: bool = False,
+    ) -> Stored:
         """Run ``request`` now or raise :class:`CapacityExhausted` if it cannot start within ``wait_s``.
 
-        Blocking: call it from a thread, not from the event loop.
+        Blocking: call it from a thread, not from the event loop. ``on_step`` is called from the
+        worker's thread.
         """
-        item = _SyncItem(request)
+        item = _SyncItem(request, on_step=on_step, cancel=cancel, previews=previews)
         with self._cond:
             self._sync.append(item)
             self._cond.notify_all()
@@ -129,7 +143,8 @@ class Worker:
 
     def _run_sync_item(self, item: _SyncItem) -> None:
         try:
-            item.future.set_result(self._generate(item.request))
+            stored = self._generate(item.request, on_step=item.on_step, cancel=item.cancel, previews=item.previews)
+            item.future.set_result(stored)
         except BaseException as exc:  # handed to the waiting request, which maps it to HTTP
             item.future.set_exception(exc if isinstance(exc, KilnError) else GenerationError("generation failed"))
 
@@ -166,9 +181,9 @@ class Worker:
         finally:
             self.current_job = None
 
-    def _generate(self, request: GenerationRequest, *, on_step=None, cancel=None) -> Stored:
+    def _generate(self, request: GenerationRequest, *, on_step=None, cancel=None, previews: bool = False) -> Stored:
         started = time.perf_counter()
-        result = self.engine.generate(request, on_step=on_step, cancel=cancel)
+        result = self.engine.generate(request, on_step=on_step, cancel=cancel, previews=previews)
         assets, first = [], b""
         media_type = "application/octet-stream"
         for output in result.outputs:

@@ -50,7 +50,7 @@ async def submit(body: QueueBody, request: Request, key: KeyRecord | None = Depe
     spec = _spec(request, body.modality, body.family, body.model)
     if body.webhook is not None:
         raise InvalidParameters("webhook is not available on this server yet; poll GET /jobs/{id}")
-    canonical = await build_request(request, body, spec, body.task, body.format)
+    canonical = await build_request(services(request), body, spec, body.task, body.format)
     return _enqueue(request, canonical, key, priority=body.priority, idempotency_key=body.idempotency_key,
                     request_hash=_hash(body), charge=True)
 
@@ -82,7 +82,7 @@ async def _sync(request: Request, modality: str, family: str, model: str, task: 
                 body: GenerateBody, key: KeyRecord | None) -> Response:
     svc = services(request)
     spec = _spec(request, modality, family, model)
-    canonical = await build_request(request, body, spec, task, fmt)
+    canonical = await build_request(svc, body, spec, task, fmt)
     spend_credit(request, key)
     try:
         stored = await run_in_threadpool(
