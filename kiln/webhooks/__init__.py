@@ -11,6 +11,7 @@ from kiln.webhooks.delivery import (
     Delivery,
     DeliveryState,
     Outbox,
+    message_id,
     validate_webhook_url,
 )
 from kiln.webhooks.dispatcher import Dispatcher, SecretResolver, UrlCheck
@@ -32,6 +33,7 @@ __all__ = [
     "SecretResolver",
     "UrlCheck",
     "WebhookVerificationError",
+    "message_id",
     "new_secret",
     "secret_key",
     "sign",

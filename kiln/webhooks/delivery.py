@@ -8,7 +8,7 @@
 Both end states are final. Each failed attempt (timeout, connection or TLS error, any non-2xx
 answer, 3xx included) moves ``next_attempt_at`` along the schedule — by default 5 s, 30 s, 2 min,
 10 min, 30 min, 1 h, then every 2 h, each stretched by up to ``jitter`` (20 %) so receivers that come
-back are not hit by every sender at once — until an attempt fails more than ``give_up_after`` (24 h)
+back are not hit by every sender at once — until an attempt fails ``give_up_after`` (24 h) or more
 after the first one. Delays never shrink below the schedule, so a message is retried for at least
 that long.
 
@@ -19,14 +19,16 @@ the database holds one copy of each secret (in the key store) instead of one per
 
 Enqueueing is idempotent per ``(job_id, url)``: a job reaches a terminal state once, and a caller
 that is unsure whether its enqueue committed (a crash, a retried hook) may simply enqueue again.
+The message id is derived from the pair, so even two outboxes (two API nodes that both saw the
+job end) send the same ``webhook-id``, and the receiver's deduplication drops the second.
 """
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import logging
 import random
-import secrets
 import sqlite3
 import threading
 import time
@@ -92,6 +94,11 @@ def validate_webhook_url(url: str) -> str:
     if parts.username is not None or parts.password is not None:
         raise ValueError("webhook URL must not carry credentials; verify the webhook-signature header instead")
     return url
+
+
+def message_id(job_id: str, url: str) -> str:
+    """The ``webhook-id`` of a job's message to ``url``: ``msg_`` and 24 hex digits of a SHA-256."""
+    return "msg_" + hashlib.sha256(f"{job_id}\n{url}".encode()).hexdigest()[:24]
 
 
 def _dt(ts: float | None) -> datetime | None:
@@ -203,14 +210,15 @@ class Outbox:
         byte; ``secret_ref`` is what the dispatcher's ``secret_for`` resolves (an API key id).
         """
         validate_webhook_url(url)
+        msg_id = message_id(job_id, url)
         now = self.clock()
         with self._tx() as db:
             db.execute(
                 "INSERT OR IGNORE INTO webhook_deliveries (msg_id, job_id, url, body, secret_ref, state, created,"
                 " next_attempt_at) VALUES (?, ?, ?, ?, ?, 'pending', ?, ?)",
-                ("msg_" + secrets.token_hex(12), job_id, url, bytes(body), secret_ref, now, now),
+                (msg_id, job_id, url, bytes(body), secret_ref, now, now),
             )
-            row = db.execute("SELECT * FROM webhook_deliveries WHERE job_id = ? AND url = ?", (job_id, url)).fetchone()
+            row = db.execute("SELECT * FROM webhook_deliveries WHERE msg_id = ?", (msg_id,)).fetchone()
         for callback in list(self._listeners):
             try:
                 callback()

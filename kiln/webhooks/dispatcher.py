@@ -2,12 +2,12 @@
 
 It runs an asyncio loop in one daemon thread, sends at most ``concurrency`` messages at once, and
 sleeps until the earliest pending message is due or :meth:`Outbox.enqueue` wakes it. Each attempt
-has one deadline (``timeout``, 10 s) covering connect, upload and the answer's status line, so a
-receiver that trickles bytes cannot hold a slot. Redirects are not followed (a 3xx is a failed
+has one deadline (``timeout``, 10 s) covering connect, upload and the answer's head, so a receiver
+that trickles bytes cannot hold a slot; a 2xx answer's body is never read. Redirects are not followed (a 3xx is a failed
 attempt: a signed body must not be replayed to wherever a receiver points); of a non-2xx answer at
 most ``max_error_bytes`` are read, for the error shown on the job. Proxy variables in the
-environment are ignored (``trust_env=False``): webhooks go straight to the receiver that
-``check_url`` vetted.
+environment are ignored (``trust_env=False``) and connections are not kept alive: webhooks go
+straight to the receiver that ``check_url`` vetted.
 
 Delivery is at least once: a message is claimed with a lease before it is sent, so a crash or a
 :meth:`Dispatcher.stop` that cuts an attempt short leaves it pending, to be sent again once the
@@ -70,7 +70,8 @@ class Dispatcher:
     """Sends the outbox's due messages, signed, with httpx; see the module docstring for the rules.
 
     ``transport``: a factory for the httpx transport of each client the dispatcher opens (tests pass
-    ``httpx.MockTransport``; an SSRF-pinning transport goes here). ``clock`` defaults to the outbox's.
+    ``httpx.MockTransport``; an egress proxy or a private CA goes here as an
+    ``httpx.AsyncHTTPTransport``). ``clock`` (the ``webhook-timestamp``) defaults to the outbox's.
     """
 
     def __init__(
@@ -271,8 +272,8 @@ class Dispatcher:
             return _Outcome(error="secret_unavailable", detail="the signing secret could not be read; will retry")
         keys = [found] if isinstance(found, str) else list(found or ())
         if not keys:
-            return _Outcome(error="no_secret", detail="the API key that submitted this job has no signing secret any more",
-                            permanent=True)
+            no_key = "the API key that submitted this job has no signing secret any more"
+            return _Outcome(error="no_secret", detail=no_key, permanent=True)
         timestamp = int(self.clock())
         headers = {
             "content-type": "application/json",
@@ -296,7 +297,7 @@ class Dispatcher:
                     request = client.build_request("POST", target, content=delivery.body, headers=headers)
                     if addresses is not None:  # connect to the vetted address, speak to the named host
                         request.headers["host"] = url.netloc.decode("ascii")
-                        pass
+                        request.extensions["sni_hostname"] = url.raw_host.decode("ascii")
                     try:
                         response = await client.send(request, stream=True)
                     except httpx.ConnectError as exc:
@@ -329,9 +330,8 @@ class Dispatcher:
             return _Outcome(status)  # the body is never read: nothing in it changes the outcome
         if 300 <= status < 400:
             location = response.headers.get("location", "")[:200]
-            return _Outcome(
-                status, detail=f"HTTP {status}: redirect to {location!r} not followed; point the webhook at the final URL"
-            )
+            hint = "point the webhook at the final URL"
+            return _Outcome(status, detail=f"HTTP {status}: redirect to {location!r} not followed; {hint}")
         return _Outcome(status, detail=f"HTTP {status}{await self._excerpt(response)}")
 
     async def _excerpt(self, response: httpx.Response) -> str:
