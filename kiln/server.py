@@ -3,37 +3,74 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
 
 from fastapi import FastAPI
 
 from kiln.api.app import create_app
 from kiln.api.services import Services
+from kiln.api.webhooks import address_check, notify_terminal
 from kiln.catalog import load_catalog
 from kiln.engine import Engine
 from kiln.keys import KeyStore
 from kiln.queue import SqliteBroker
 from kiln.settings import Settings
 from kiln.storage import LocalAssetStore
+from kiln.webhooks import DEFAULT_SCHEDULE, Dispatcher, Outbox
 from kiln.worker import Worker
 
 log = logging.getLogger(__name__)
 
 
-def build_services(settings: Settings, *, engine: Engine | None = None) -> tuple[Services, Worker]:
+@dataclass
+class Runtime:
+    """Everything one embedded server runs, with the order it starts and stops in."""
+
+    services: Services
+    worker: Any  # kiln.worker.Worker, or a stand-in with start/stop in tests
+    dispatcher: Dispatcher
+
+    def start(self) -> None:
+        self.worker.start()
+        self.dispatcher.start()
+
+    def stop(self) -> None:
+        self.worker.stop()  # finishes or hands back the job in hand
+        self.dispatcher.stop(timeout=10)  # pending deliveries resume from the outbox at next start
+
+
+def build_runtime(
+    settings: Settings,
+    *,
+    engine: Engine | None = None,
+    worker: Any | None = None,
+    webhook_schedule: Sequence[float] = DEFAULT_SCHEDULE,
+) -> Runtime:
     settings.data_dir.mkdir(parents=True, exist_ok=True)
-    catalog = load_catalog(settings.catalog)
+    catalog = engine.catalog if engine is not None else load_catalog(settings.catalog)
     engine = engine or Engine(catalog)
     broker = SqliteBroker(settings.database, aging_seconds=settings.aging_s)
     store = LocalAssetStore(settings.assets_dir)
     keys = KeyStore(settings.database)
-    worker = Worker(engine, broker, store, preload=(catalog.default_model,))
+    outbox = Outbox(settings.database, schedule=webhook_schedule)
+    worker = worker or Worker(engine, broker, store, preload=(catalog.default_model,))
     services = Services(
         settings=settings, catalog=catalog, broker=broker, store=store, keys=keys, worker=worker,
-        validate=engine.plan,
+        validate=engine.plan, outbox=outbox,
     )
-    return services, worker
+
+    def secret_for(key_id: str) -> str | None:
+        # the job was accepted under this key: its webhook is signed even if the key is revoked since
+        record = keys.get(key_id) if key_id else None
+        return record.webhook_secret if record else None
+
+    dispatcher = Dispatcher(outbox, secret_for=secret_for, check_url=address_check(services.fetch_policy))
+    worker.on_terminal = lambda job: notify_terminal(services, job)
+    return Runtime(services, worker, dispatcher)
 
 
 def build_app(settings: Settings, *, engine: Engine | None = None) -> FastAPI:
-    services, worker = build_services(settings, engine=engine)
-    return create_app(services, on_start=worker.start, on_stop=worker.stop)
+    runtime = build_runtime(settings, engine=engine)
+    return create_app(runtime.services, on_start=runtime.start, on_stop=runtime.stop)

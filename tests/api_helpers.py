@@ -1,4 +1,4 @@
-"""A render-API server in process for tests: real broker, store and keys; a real or fake worker."""
+"""A render-API server in process for tests: the real composition root, a real or fake worker."""
 
 from __future__ import annotations
 
@@ -10,11 +10,8 @@ from fastapi.testclient import TestClient
 
 from kiln.api.app import create_app
 from kiln.api.services import Services
-from kiln.keys import KeyStore
-from kiln.queue import SqliteBroker
+from kiln.server import build_runtime
 from kiln.settings import Settings
-from kiln.storage import LocalAssetStore
-from kiln.worker import Worker
 
 
 @dataclass
@@ -27,29 +24,22 @@ class Server:
     def auth(self) -> dict[str, str]:
         return {"Authorization": f"Bearer {self.key}"}
 
-    def wait_for(self, job_id: str, *, timeout: float = 60.0):
-        """Poll the broker until the job is terminal (no fixed sleep: it returns as soon as it is)."""
+    def wait_for(self, job_id: str, *, timeout: float = 60.0, until=None):
+        """Poll until the job is terminal (or ``until(job)``); returns as soon as it is, no fixed sleep."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             job = self.services.broker.get(job_id)
-            if job.status.terminal:
+            if (until or (lambda j: j.status.terminal))(job):
                 return job
             time.sleep(0.01)
-        raise AssertionError(f"job {job_id} did not finish in {timeout}s")
+        raise AssertionError(f"job {job_id} did not get there in {timeout}s")
 
 
 @contextmanager
-def running_server(tmp_path, engine, *, worker=None, start_worker=True, **settings):
+def running_server(tmp_path, engine, *, worker=None, webhook_schedule=(0.05, 0.05, 0.05), **settings):
     settings = Settings(data_dir=tmp_path / "data", **settings)
-    settings.data_dir.mkdir(parents=True, exist_ok=True)
-    broker = SqliteBroker(settings.database, aging_seconds=settings.aging_s)
-    store = LocalAssetStore(settings.assets_dir)
-    keys = KeyStore(settings.database)
-    worker = worker or Worker(engine, broker, store)
-    services = Services(settings=settings, catalog=engine.catalog, broker=broker, store=store, keys=keys,
-                        worker=worker, validate=engine.plan)
-    app = create_app(services, on_start=worker.start if start_worker else None,
-                     on_stop=worker.stop if start_worker else None)
-    key = keys.create("test").secret
+    runtime = build_runtime(settings, engine=engine, worker=worker, webhook_schedule=webhook_schedule)
+    app = create_app(runtime.services, on_start=runtime.start, on_stop=runtime.stop)
+    key = runtime.services.keys.create("test").secret
     with TestClient(app, base_url="http://kiln.test") as client:
-        yield Server(client, services, key)
+        yield Server(client, runtime.services, key)

@@ -359,3 +359,82 @@ def test_websocket_cancel_stops_a_generation(server):
         while (message := ws.receive_json())["type"] == "frame":
             pass
         assert (message["type"], message["id"], message["error"]) == ("error", "c", "cancelled")
+
+
+class Receiver:
+    """A webhook receiver on 127.0.0.1 that answers 500 first, then 204, and keeps what it got."""
+
+    def __init__(self, fail_first: int = 1) -> None:
+        import http.server
+        import threading
+
+        self.calls: list[tuple[dict, bytes, int]] = []
+        self.done = threading.Event()
+        outer = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_POST(self):  # noqa: N802 - http.server's naming
+                body = self.rfile.read(int(self.headers["Content-Length"]))
+                status = 500 if len(outer.calls) < fail_first else 204
+                outer.calls.append(({k.lower(): v for k, v in self.headers.items()}, body, status))
+                self.send_response(status)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+                if status == 204:
+                    outer.done.set()
+
+            def log_message(self, *args):
+                pass
+
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/hook"
+
+    def close(self):
+        self.httpd.shutdown()
+
+
+@pytest.fixture
+def receiver():
+    r = Receiver()
+    yield r
+    r.close()
+
+
+def test_webhook_is_signed_retried_and_shown_on_the_job(tmp_path, engine, receiver):
+    import hashlib
+    import hmac
+    import json
+
+    with running_server(tmp_path, engine, allow_private_fetch=True) as srv:
+        job = srv.client.post("/queue", json=queue_body(steps=15, webhook=receiver.url), headers=srv.auth).json()
+        assert receiver.done.wait(60), receiver.calls
+        secret = srv.services.keys.lookup(srv.key).webhook_secret
+        (first_headers, _, first_status), (headers, body, status) = receiver.calls
+        assert (first_status, status) == (500, 204) and first_headers["webhook-id"] == headers["webhook-id"]
+        signed = f"{headers['webhook-id']}.{headers['webhook-timestamp']}.".encode() + body
+        expected = base64.b64encode(hmac.new(base64.b64decode(secret.removeprefix("whsec_")), signed, hashlib.sha256).digest())
+        assert f"v1,{expected.decode()}" in headers["webhook-signature"].split()
+        sent = json.loads(body)
+        assert sent["id"] == job["id"] and sent["status"] == "complete" and sent["output"].startswith("http")
+        outbox = srv.services.outbox
+        srv.wait_for(job["id"], until=lambda j: outbox.state_for_job(j.id)[-1].state.value == "delivered")
+        shown = srv.client.get(f"/jobs/{job['id']}", headers=srv.auth, follow_redirects=False).json()["webhook"]
+        assert (shown["state"], shown["attempts"], shown["last_status"]) == ("delivered", 2, "204")
+
+
+def test_webhook_to_a_private_address_is_refused_by_default(server):
+    r = server.client.post("/queue", json=queue_body(webhook="http://127.0.0.1:9/hook"), headers=server.auth)
+    job = r.json()
+    assert r.status_code == 202  # the address is checked when sending, after every DNS answer
+    server.client.delete(f"/jobs/{job['id']}", headers=server.auth)
+    failed = server.wait_for(job["id"], until=lambda j: server.services.outbox.state_for_job(j.id)
+                             and server.services.outbox.state_for_job(j.id)[-1].state.value == "failed")
+    shown = server.client.get(f"/jobs/{failed.id}", headers=server.auth).json()["webhook"]
+    assert shown["state"] == "failed" and "private" in shown["last_error"]
+
+
+@pytest.mark.parametrize("url", ["ftp://example.com/x", "not a url", "http://user:pw@example.com/x"])
+def test_bad_webhook_urls_are_400(server, url):
+    r = server.client.post("/queue", json=queue_body(webhook=url), headers=server.auth)
+    assert r.status_code == 400 and r.json()["error"] == "invalid_parameters" and "webhook" in r.json()["message"]

@@ -55,6 +55,11 @@ def job_json(svc: Services, job: Job) -> dict[str, Any]:
         body.update(error={"code": job.error_code, "message": job.error_message}, failed_at=iso(job.finished))
     else:
         body.update(cancelled_at=iso(job.finished))
+    from kiln.api.webhooks import webhook_state  # webhooks render jobs too: import here, not at the top
+
+    webhook = webhook_state(svc, job)
+    if webhook is not None:
+        body["webhook"] = webhook
     return body
 
 

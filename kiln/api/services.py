@@ -15,6 +15,7 @@ from kiln.keys import KeyStore, RateLimiter
 from kiln.queue import Broker
 from kiln.settings import Settings
 from kiln.storage import AssetStore
+from kiln.webhooks import Outbox
 
 if TYPE_CHECKING:
     from kiln.engine.request import GenerationRequest
@@ -44,6 +45,7 @@ class Services:
     limiter: RateLimiter = field(default_factory=RateLimiter)
     upload_limiter: RateLimiter = field(default_factory=RateLimiter)
     backends: tuple[str, ...] = ("torch",)
+    outbox: Outbox | None = None  # webhook deliveries; None: webhooks are refused
     fetch_policy: FetchPolicy = field(init=False)
 
     def __post_init__(self) -> None:

@@ -115,6 +115,11 @@ class KeyStore:
             return None
         return _record(row)
 
+    def get(self, key_id: str) -> KeyRecord | None:
+        with self._lock:
+            row = self._db.execute("SELECT * FROM api_keys WHERE id = ?", (key_id,)).fetchone()
+        return None if row is None else _record(row)
+
     def list(self) -> list[KeyRecord]:
         with self._lock:
             rows = self._db.execute("SELECT * FROM api_keys ORDER BY created").fetchall()

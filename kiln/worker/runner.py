@@ -51,6 +51,8 @@ class Worker:
     ) -> None:
         self.engine, self.broker, self.store, self.worker_id = engine, broker, store, worker_id
         self.preload = preload  # model keys loaded before the worker reports alive (ready)
+        # Called with each job that reached a terminal state here (webhooks); must not block.
+        self.on_terminal: Callable[[Job], None] | None = None
         self._sync: deque[_SyncItem] = deque()
         self._cond = threading.Condition()
         self._stopping = False
@@ -159,15 +161,15 @@ class Worker:
         try:
             stored = self._generate(from_payload(job.payload, self.store), on_step=on_step, cancel=cancel)
         except GenerationCancelled:
-            self.broker.mark_cancelled(job.id)
+            finished = self.broker.mark_cancelled(job.id)
         except KilnError as exc:
-            self.broker.fail(job.id, exc.code, exc.message)
+            finished = self.broker.fail(job.id, exc.code, exc.message)
         except Exception:
             log.exception("job %s failed", job.id)
-            self.broker.fail(job.id, "generation_failed", "the generation failed; see the server log")
+            finished = self.broker.fail(job.id, "generation_failed", "the generation failed; see the server log")
         else:
             result = stored.result
-            self.broker.complete(
+            finished = self.broker.complete(
                 job.id,
                 f"/{stored.assets[0].kind}/{stored.assets[0].name}",
                 {
@@ -180,6 +182,11 @@ class Worker:
             )
         finally:
             self.current_job = None
+        if self.on_terminal is not None:
+            try:
+                self.on_terminal(finished)
+            except Exception:  # a notification problem must never stop the worker
+                log.exception("terminal-state hook failed for job %s", job.id)
 
     def _generate(self, request: GenerationRequest, *, on_step=None, cancel=None, previews: bool = False) -> Stored:
         started = time.perf_counter()

@@ -14,6 +14,7 @@ from kiln.api.auth import authenticate, services, spend_credit
 from kiln.api.jobs import absolute, job_json, own_job
 from kiln.api.requests import build_request
 from kiln.api.schemas import GenerateBody, QueueBody
+from kiln.api.webhooks import checked_webhook, notify_terminal
 from kiln.catalog import ModelSpec
 from kiln.engine.request import GenerationRequest
 from kiln.errors import CapacityExhausted, InvalidParameters
@@ -47,12 +48,16 @@ async def sync_video(
 @router.post("/queue", status_code=202, tags=["async"])
 async def submit(body: QueueBody, request: Request, key: KeyRecord | None = Depends(authenticate)) -> JSONResponse:
     """Queue a generation; 202 with the job's id, position and ETA."""
+    svc = services(request)
     spec = _spec(request, body.modality, body.family, body.model)
+    webhook = None
     if body.webhook is not None:
-        raise InvalidParameters("webhook is not available on this server yet; poll GET /jobs/{id}")
-    canonical = await build_request(services(request), body, spec, body.task, body.format)
+        if svc.outbox is None:
+            raise InvalidParameters("webhooks are switched off on this server; poll GET /jobs/{id}")
+        webhook = checked_webhook(body.webhook)
+    canonical = await build_request(svc, body, spec, body.task, body.format)
     return _enqueue(request, canonical, key, priority=body.priority, idempotency_key=body.idempotency_key,
-                    request_hash=_hash(body), charge=True)
+                    request_hash=_hash(body), charge=True, webhook=webhook)
 
 
 @router.get("/jobs/{job_id}", tags=["async"], responses={303: {"description": "complete: redirect to the output"}})
@@ -70,8 +75,10 @@ async def get_job(job_id: str, request: Request, key: KeyRecord | None = Depends
 async def cancel_job(job_id: str, request: Request, key: KeyRecord | None = Depends(authenticate)) -> JSONResponse:
     """Cancel a queued job, or stop a running one between steps (its status turns cancelled shortly)."""
     svc = services(request)
-    own_job(svc, job_id, key)
+    before = own_job(svc, job_id, key)
     job = svc.broker.cancel(job_id)
+    if job.status.terminal and not before.status.terminal:
+        notify_terminal(svc, job)  # a queued job never reaches the worker, which would notify
     return JSONResponse(job_json(svc, job))
 
 
@@ -105,13 +112,17 @@ async def _sync(request: Request, modality: str, family: str, model: str, task: 
 
 
 def _enqueue(request: Request, canonical: GenerationRequest, key: KeyRecord | None, *, priority: str,
-             idempotency_key: str | None = None, request_hash: str | None = None, charge: bool) -> JSONResponse:
+             idempotency_key: str | None = None, request_hash: str | None = None, charge: bool,
+             webhook: str | None = None) -> JSONResponse:
     svc = services(request)
     if charge:
         spend_credit(request, key)
     try:
+        payload = to_payload(canonical, svc.store)
+        if webhook is not None:
+            payload["webhook"] = webhook
         job, created = svc.broker.submit(
-            to_payload(canonical, svc.store),
+            payload,
             priority=Priority(priority),
             key_id=key.id if key else None,
             idempotency_key=idempotency_key,

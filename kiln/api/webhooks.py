@@ -1,0 +1,70 @@
+"""Webhooks from the render API's point of view: which URL may be called, and what is sent when.
+
+The sending itself (durable outbox, signatures, retries) is :mod:`kiln.webhooks`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import json
+import socket
+
+import httpx
+
+from kiln.api.fetch import FetchPolicy, is_address_allowed
+from kiln.api.jobs import job_json
+from kiln.api.services import Services
+from kiln.errors import InvalidParameters
+from kiln.queue import Job
+from kiln.webhooks import validate_webhook_url
+
+
+def checked_webhook(url: str) -> str:
+    try:
+        return validate_webhook_url(url)
+    except ValueError as exc:
+        raise InvalidParameters(f"webhook: {exc}") from exc
+
+
+def address_check(policy: FetchPolicy):
+    """The dispatcher's ``check_url``: the same address rules as image fetching, pinned addresses back."""
+
+    async def check(url: str) -> list[str]:
+        parsed = httpx.URL(url)
+        port = parsed.port or (443 if parsed.scheme == "https" else 80)
+        infos = await asyncio.get_running_loop().getaddrinfo(parsed.host, port, type=socket.SOCK_STREAM)
+        ips = list(dict.fromkeys(ipaddress.ip_address(info[4][0].split("%")[0]) for info in infos))
+        if not ips or not all(is_address_allowed(ip, policy) for ip in ips):
+            raise ValueError("the webhook URL points to a private or local network address")
+        return [ip.compressed for ip in ips]
+
+    return check
+
+
+def notify_terminal(svc: Services, job: Job) -> None:
+    """Queue the job's webhook, if it has one; cheap and non-blocking (one insert, one wake-up)."""
+    url = job.payload.get("webhook")
+    if url and svc.outbox is not None:
+        body = json.dumps(job_json(svc, job), separators=(",", ":")).encode()
+        svc.outbox.enqueue(job.id, url, body, job.key_id or "")
+
+
+def webhook_state(svc: Services, job: Job) -> dict | None:
+    if svc.outbox is None or not job.payload.get("webhook"):
+        return None
+    deliveries = svc.outbox.state_for_job(job.id)
+    if not deliveries:
+        return {"state": "waiting"}  # sent once the job finishes
+    d = deliveries[-1]
+    from kiln.api.jobs import iso
+
+    return {
+        "id": d.msg_id,
+        "state": d.state.value,
+        "attempts": d.attempts,
+        "last_status": d.last_status,
+        "last_error": d.last_error,
+        "next_attempt_at": iso(d.next_attempt_at),
+        "delivered_at": iso(d.delivered_at),
+    }
