@@ -74,6 +74,12 @@ class IdempotencyConflict(UserError):
         self.job_id = job_id
 
 
+class PromptFiltered(UserError):
+    """The prompt matched the operator's prompt filter."""
+
+    code = "prompt_filtered"
+
+
 class InvalidImage(UserError):
     """An input image or mask could not be read, or does not fit the request."""
 

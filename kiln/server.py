@@ -15,6 +15,7 @@ from kiln.api.webhooks import address_check, notify_terminal
 from kiln.catalog import load_catalog
 from kiln.engine import Engine
 from kiln.keys import KeyStore
+from kiln.maintenance import Janitor
 from kiln.queue import SqliteBroker
 from kiln.settings import Settings
 from kiln.storage import LocalAssetStore
@@ -31,14 +32,17 @@ class Runtime:
     services: Services
     worker: Any  # kiln.worker.Worker, or a stand-in with start/stop in tests
     dispatcher: Dispatcher
+    janitor: Janitor
 
     def start(self) -> None:
         self.worker.start()
         self.dispatcher.start()
+        self.janitor.start()
 
     def stop(self) -> None:
         self.worker.stop()  # finishes or hands back the job in hand
         self.dispatcher.stop(timeout=10)  # pending deliveries resume from the outbox at next start
+        self.janitor.stop()
 
 
 def build_runtime(
@@ -68,7 +72,8 @@ def build_runtime(
 
     dispatcher = Dispatcher(outbox, secret_for=secret_for, check_url=address_check(services.fetch_policy))
     worker.on_terminal = lambda job: notify_terminal(services, job)
-    return Runtime(services, worker, dispatcher)
+    janitor = Janitor(store, upload_ttl_s=settings.upload_ttl_s)
+    return Runtime(services, worker, dispatcher, janitor)
 
 
 def build_app(settings: Settings, *, engine: Engine | None = None) -> FastAPI:

@@ -39,6 +39,8 @@ class Settings(BaseModel):
     default_rate_per_min: int = Field(default=100, ge=1)
     max_upload_bytes: int = Field(default=20 * 2**20, ge=1024)
     allow_private_fetch: bool = Field(default=False, description="let image URLs point at private addresses")
+    prompt_filter_file: Path | None = Field(default=None, description="regular expressions, one per line; a match is 403")
+    upload_ttl_s: float = Field(default=24 * 3600.0, gt=0.0, description="uploads are deleted after this long")
 
     @field_validator("public_url")
     @classmethod

@@ -438,3 +438,44 @@ def test_webhook_to_a_private_address_is_refused_by_default(server):
 def test_bad_webhook_urls_are_400(server, url):
     r = server.client.post("/queue", json=queue_body(webhook=url), headers=server.auth)
     assert r.status_code == 400 and r.json()["error"] == "invalid_parameters" and "webhook" in r.json()["message"]
+
+
+def test_prompt_filter_answers_403(tmp_path, engine):
+    rules = tmp_path / "filter.txt"
+    rules.write_text("# refused words\n\\bforbidden\\b\n")
+    with running_server(tmp_path, engine, prompt_filter_file=rules) as srv:
+        r = srv.client.post("/image/flux/dev/t2i?format=toy-64", json={"prompt": "a FORBIDDEN thing", "steps": 15},
+                            headers=srv.auth)
+        assert (r.status_code, r.json()["error"]) == (403, "prompt_filtered")
+        ok = srv.client.post("/image/flux/dev/t2i?format=toy-64", json={"prompt": "a forbiddenly nice thing", "steps": 15},
+                             headers=srv.auth)
+        assert ok.status_code == 200
+
+
+def test_a_bad_prompt_filter_stops_start_up(tmp_path, engine):
+    from kiln.settings import SettingsError
+
+    rules = tmp_path / "filter.txt"
+    rules.write_text("(unclosed\n")
+    with pytest.raises(SettingsError, match="pattern 1"):
+        with running_server(tmp_path, engine, prompt_filter_file=rules):
+            pass
+
+
+def test_uploads_expire(tmp_path):
+    import os
+    import time as _time
+
+    from kiln.maintenance import Janitor
+    from kiln.storage import LocalAssetStore
+
+    store = LocalAssetStore(tmp_path / "assets")
+    old = store.put(png(8, 8), "u", "image/png")
+    new = store.put(png(9, 9), "u", "image/png")
+    kept = store.put(png(10, 10), "i", "image/png")
+    path = next((tmp_path / "assets").rglob(old.name))
+    day_ago = _time.time() - 25 * 3600
+    os.utime(path, (day_ago, day_ago))
+    janitor = Janitor(store, upload_ttl_s=24 * 3600)
+    assert janitor.run_once() == 1
+    assert store.stat("u", old.name) is None and store.stat("u", new.name) and store.stat("i", kept.name)

@@ -19,6 +19,7 @@ async def build_request(
     for name in NOT_YET:
         if getattr(body, name) not in (None, False):
             raise InvalidParameters(f"{name} is not available on this server yet; leave it out")
+    svc.prompt_filter.check(body.prompt, body.negative_prompt)
     if body.cfg is not None and body.guidance is not None:
         raise InvalidParameters("send cfg or guidance, not both")
     if body.cfg is not None and spec.modality != "video":

@@ -1,0 +1,48 @@
+"""Housekeeping that runs beside the server: uploads are deleted once their lifetime is over."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from datetime import UTC, datetime
+
+from kiln.storage import AssetStore
+
+log = logging.getLogger(__name__)
+
+
+class Janitor:
+    """Every ``interval_s``, deletes uploads older than ``upload_ttl_s`` (the reference keeps them 24 h)."""
+
+    def __init__(
+        self, store: AssetStore, *, upload_ttl_s: float, interval_s: float = 600.0, clock: Callable[[], float] = time.time
+    ) -> None:
+        self.store, self.upload_ttl_s, self.interval_s, self.clock = store, upload_ttl_s, interval_s, clock
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def run_once(self) -> int:
+        cutoff = datetime.fromtimestamp(self.clock() - self.upload_ttl_s, UTC)
+        removed = self.store.expire("u", cutoff)
+        if removed:
+            log.info("deleted %d expired uploads", removed)
+        return removed
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._loop, name="kiln-janitor", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self.run_once()
+            except Exception:  # keep cleaning next time; a full disk must not kill the thread
+                log.exception("upload expiry failed")
+            self._stop.wait(self.interval_s)
