@@ -71,7 +71,11 @@ def build_runtime(
         return record.webhook_secret if record else None
 
     dispatcher = Dispatcher(outbox, secret_for=secret_for, check_url=address_check(services.fetch_policy))
-    worker.on_terminal = lambda job: notify_terminal(services, job)
+    def on_terminal(job) -> None:
+        services.metrics.observe_job(job)
+        notify_terminal(services, job)
+
+    worker.on_terminal = on_terminal
     janitor = Janitor(store, upload_ttl_s=settings.upload_ttl_s)
     return Runtime(services, worker, dispatcher, janitor)
 

@@ -479,3 +479,21 @@ def test_uploads_expire(tmp_path):
     janitor = Janitor(store, upload_ttl_s=24 * 3600)
     assert janitor.run_once() == 1
     assert store.stat("u", old.name) is None and store.stat("u", new.name) and store.stat("i", kept.name)
+
+
+def test_metrics(server):
+    server.client.post("/image/flux/dev/t2i?format=toy-64", json={**PROMPT, "steps": 15}, headers=server.auth)
+    job = server.client.post("/queue", json=queue_body(steps=15), headers=server.auth).json()
+    server.wait_for(job["id"])
+    assert server.client.get("/metrics").status_code == 401
+    import time as _time
+
+    deadline = _time.monotonic() + 30  # the worker records a job just after the broker marks it done
+    while 'stage="running"} 1.0' not in (text := server.client.get("/metrics", headers=server.auth).text):
+        assert _time.monotonic() < deadline, text
+        _time.sleep(0.01)
+    assert 'kiln_http_requests_total{method="POST",route="/image/{family}/{model}/{task}",status="200"} 1.0' in text
+    assert 'kiln_http_request_duration_seconds_bucket{le="0.005",route="/queue"}' in text
+    assert 'kiln_queue_depth{priority="high"} 0.0' in text
+    assert 'kiln_job_seconds_count{model="flux/dev",stage="sync"} 1.0' in text
+    assert 'kiln_job_seconds_count{model="flux/dev",stage="running"} 1.0' in text

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Callable
+import time
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, Request
@@ -38,9 +39,14 @@ def create_app(services: Services, *, on_start: Callable[[], None] | None = None
     errors.install(app)
 
     @app.middleware("http")
-    async def _limits(request: Request, call_next):
+    async def _limits_and_metrics(request: Request, call_next):
+        started = time.perf_counter()
         response = await call_next(request)
         response.headers.update(rate_headers(request))
+        route = request.scope.get("route")
+        services.metrics.observe_request(
+            getattr(route, "path", "unmatched"), request.method, response.status_code, time.perf_counter() - started
+        )
         return response
 
     for module in (generate, events, ws, discovery, uploads, cdn, ops):

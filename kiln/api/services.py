@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
 from kiln.api.fetch import FetchPolicy
+from kiln.api.metrics import Metrics
 from kiln.api.policy import PromptFilter
 from kiln.catalog import Catalog
 from kiln.keys import KeyStore, RateLimiter
@@ -49,6 +50,7 @@ class Services:
     outbox: Outbox | None = None  # webhook deliveries; None: webhooks are refused
     fetch_policy: FetchPolicy = field(init=False)
     prompt_filter: PromptFilter = field(init=False)
+    metrics: Metrics = field(init=False)
 
     def __post_init__(self) -> None:
         # built once, so a bad setting fails at start-up rather than on every request
@@ -56,3 +58,4 @@ class Services:
             max_bytes=self.settings.max_upload_bytes, allow_private=self.settings.allow_private_fetch
         )
         self.prompt_filter = PromptFilter.from_file(self.settings.prompt_filter_file)
+        self.metrics = Metrics(self.broker)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import time
 from typing import Any
 
 from fastapi import APIRouter, Depends, Query, Request
@@ -91,6 +92,7 @@ async def _sync(request: Request, modality: str, family: str, model: str, task: 
     spec = _spec(request, modality, family, model)
     canonical = await build_request(svc, body, spec, task, fmt)
     spend_credit(request, key)
+    started = time.perf_counter()
     try:
         stored = await run_in_threadpool(
             svc.worker.run_sync, canonical, wait_s=svc.settings.sync_wait_s, retry_after=svc.settings.retry_after_s
@@ -99,6 +101,7 @@ async def _sync(request: Request, modality: str, family: str, model: str, task: 
         if "respond-async" in request.headers.get("prefer", "").lower():
             return _enqueue(request, canonical, key, priority="normal", charge=False)  # already charged
         raise
+    svc.metrics.observe_sync(spec.key, time.perf_counter() - started)
     asset = stored.assets[0]
     return Response(
         stored.first_bytes,
