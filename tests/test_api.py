@@ -497,3 +497,49 @@ def test_metrics(server):
     assert 'kiln_queue_depth{priority="high"} 0.0' in text
     assert 'kiln_job_seconds_count{model="flux/dev",stage="sync"} 1.0' in text
     assert 'kiln_job_seconds_count{model="flux/dev",stage="running"} 1.0' in text
+
+
+def test_curl_style_form_content_type_is_read_as_json(server):
+    r = server.client.post("/image/flux/dev/t2i?format=toy-64", content=b'{"prompt": "portrait", "steps": 15}',
+                           headers={**server.auth, "Content-Type": "application/x-www-form-urlencoded"})
+    assert r.status_code == 200, r.text
+
+
+def test_bodies_are_capped_while_read(server):
+    from kiln.api.guard import JSON_LIMIT
+
+    big = b'{"prompt": "' + b"x" * (JSON_LIMIT + 10) + b'"}'
+    r = server.client.post("/image/flux/dev/t2i", content=big, headers=server.auth)
+    assert r.status_code == 413 and r.json()["error"] == "invalid_parameters"
+
+    def chunks():  # no Content-Length: the cap holds while streaming
+        yield b'{"prompt": "'
+        for _ in range(70):
+            yield b"x" * 2**20
+        yield b'"}'
+
+    r = server.client.post("/queue", content=chunks(), headers=server.auth)
+    assert r.status_code == 413
+    r = server.client.post("/uploads", files={"file": ("x.png", b"\x89PNG" + b"\x00" * (21 * 2**20), "image/png")},
+                           headers=server.auth)
+    assert r.status_code in (400, 413) and r.json()["error"] in ("invalid_parameters", "invalid_image")
+
+
+def test_not_json_at_all_is_invalid_parameters(server):
+    r = server.client.post("/image/flux/dev/t2i", content=b"\xff\xfe not json", headers=server.auth)
+    assert r.status_code == 400 and r.json()["error"] == "invalid_parameters"
+
+
+def test_range_edge_cases(busy):
+    asset = busy.services.store.put(b"\x00\x00\x00\x18ftypmp42" + bytes(100), "v", "video/mp4")
+    path = f"/v/{asset.name}"
+    for header in ("bytes=5-2", "bytes=0-1,4-5", "items=0-1", "bytes=" + "9" * 5000 + "-"):
+        r = busy.client.get(path, headers={"Range": header})
+        assert r.status_code == 200 and len(r.content) == asset.size, header
+
+
+def test_broken_png_upload_is_400(server):
+    data = bytearray(png(16, 16))
+    data[-20] ^= 0xFF  # corrupt the IDAT checksum region
+    r = server.client.post("/uploads", files={"file": ("x.png", bytes(data), "image/png")}, headers=server.auth)
+    assert r.status_code == 400 and r.json()["error"] == "invalid_image"

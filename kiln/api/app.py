@@ -11,6 +11,7 @@ from fastapi import FastAPI, Request
 from kiln import __version__
 from kiln.api import errors
 from kiln.api.auth import rate_headers
+from kiln.api.guard import BodyGuard
 from kiln.api.routes import cdn, discovery, events, generate, ops, uploads, ws
 from kiln.api.services import Services
 
@@ -51,4 +52,5 @@ def create_app(services: Services, *, on_start: Callable[[], None] | None = None
 
     for module in (generate, events, ws, discovery, uploads, cdn, ops):
         app.include_router(module.router)
+    app.add_middleware(BodyGuard, upload_limit=services.settings.max_upload_bytes)
     return app

@@ -14,6 +14,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from kiln import errors as e
+from kiln.api.guard import BodyTooLarge
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +67,21 @@ def error_response(exc: e.KilnError) -> JSONResponse:
     return JSONResponse(exc.to_dict(), status_code=status_of(exc), headers=headers)
 
 
+def _caused_by(exc: BaseException, cls: type[BaseException]) -> bool:
+    seen: set[int] = set()
+    stack: list[BaseException] = [exc]
+    while stack:
+        current = stack.pop()
+        if id(current) in seen:
+            continue
+        seen.add(id(current))
+        if isinstance(current, cls):
+            return True
+        stack.extend(x for x in (current.__cause__, current.__context__) if x is not None)
+        stack.extend(getattr(current, "exceptions", ()))  # exception groups
+    return False
+
+
 def install(app: FastAPI) -> None:
     @app.exception_handler(e.KilnError)
     async def _kiln(request: Request, exc: e.KilnError) -> JSONResponse:
@@ -88,8 +104,17 @@ def install(app: FastAPI) -> None:
         }
         return JSONResponse(body, status_code=400)
 
+    @app.exception_handler(BodyTooLarge)
+    async def _too_large(request: Request, exc: BodyTooLarge) -> JSONResponse:
+        return JSONResponse({"error": "invalid_parameters", "message": "request body too large"}, status_code=413)
+
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        if _caused_by(exc, BodyTooLarge):  # FastAPI wraps body-read errors in a 400
+            return await _too_large(request, BodyTooLarge())
+        if exc.status_code == 400:  # a body that is not JSON at all (bad UTF-8, nesting, huge numbers)
+            return JSONResponse({"error": "invalid_parameters", "message": "the request body is not valid JSON"},
+                                status_code=400)
         code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
         message = {404: f"no route {request.url.path}", 405: f"{request.method} is not allowed here"}.get(
             exc.status_code, str(exc.detail)

@@ -60,6 +60,7 @@ class Worker:
         self.current_job: str | None = None
         self.seconds_per_job: float | None = None  # moving average of measured run times
         self.alive = False
+        self.ready = False  # alive and the default model loaded
 
     # --- lifecycle ---------------------------------------------------------------------------------
 
@@ -116,32 +117,45 @@ class Worker:
     # --- the loop ----------------------------------------------------------------------------------
 
     def _loop(self) -> None:
+        self.ready = True
         for key in self.preload:
             try:
                 self.engine.load(self.engine.catalog.models[key])
             except KilnError as exc:
+                self.ready = False  # /readyz says so; requests for other models still run
                 log.warning("could not preload %s: %s", key, exc.message)
         self.alive = True
         try:
             while True:
-                with self._cond:
-                    if self._stopping:
+                try:
+                    if not self._step():
                         return
-                    item = self._sync.popleft() if self._sync else None
-                    if item is not None:
-                        item.started.set()
-                if item is not None:
-                    self._run_sync_item(item)
-                    continue
-                job = self.broker.claim(self.worker_id)
-                if job is not None:
-                    self._run_job(job)
-                    continue
-                with self._cond:
-                    if not self._sync and not self._stopping:
-                        self._cond.wait(timeout=0.5)
+                except Exception:  # a broker hiccup (database locked, disk full) must not end the worker
+                    log.exception("worker loop error; retrying in 1 s")
+                    with self._cond:
+                        self._cond.wait(timeout=1.0)
         finally:
             self.alive = False
+
+    def _step(self) -> bool:
+        """One pass: a waiting sync request, else one queued job, else a short wait. False: stop."""
+        with self._cond:
+            if self._stopping:
+                return False
+            item = self._sync.popleft() if self._sync else None
+            if item is not None:
+                item.started.set()
+        if item is not None:
+            self._run_sync_item(item)
+            return True
+        job = self.broker.claim(self.worker_id)
+        if job is not None:
+            self._run_job(job)
+            return True
+        with self._cond:
+            if not self._sync and not self._stopping:
+                self._cond.wait(timeout=0.5)
+        return True
 
     def _run_sync_item(self, item: _SyncItem) -> None:
         try:

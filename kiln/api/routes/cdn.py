@@ -17,7 +17,7 @@ from kiln.api.errors import ApiError
 router = APIRouter(tags=["cdn"])
 
 IMMUTABLE = "public, max-age=31536000, immutable"
-RANGE = re.compile(r"^bytes=(\d*)-(\d*)$")
+RANGE = re.compile(r"^bytes=(\d{0,19})-(\d{0,19})$")
 
 
 @router.get("/i/{name}")
@@ -56,7 +56,7 @@ def _serve(request: Request, kind: str, name: str) -> Response:
         return Response(status_code=304, headers=headers)
     start, end, status = 0, asset.size, 200
     wanted = request.headers.get("range")
-    if wanted:
+    if wanted and _well_formed(wanted):  # other forms (multi-range, other units, last < first): whole asset
         parsed = _parse_range(wanted, asset.size)
         if parsed is None:
             return Response(status_code=416, headers={**headers, "Content-Range": f"bytes */{asset.size}"})
@@ -77,6 +77,14 @@ def _matches(header: str | None, etag: str) -> bool:
     return "*" in tags or etag in tags
 
 
+def _well_formed(header: str) -> bool:
+    match = RANGE.match(header.strip())
+    if match is None or match.groups() == ("", ""):
+        return False
+    first, last = match.groups()
+    return first == "" or last == "" or int(last) >= int(first)
+
+
 def _parse_range(header: str, size: int) -> tuple[int, int] | None:
     """One ``bytes=a-b`` / ``bytes=a-`` / ``bytes=-n`` range as [start, end); None if unsatisfiable."""
     match = RANGE.match(header.strip())
@@ -90,4 +98,4 @@ def _parse_range(header: str, size: int) -> tuple[int, int] | None:
         return (max(0, size - length), size) if length > 0 else None
     start = int(first)
     end = size if last == "" else min(size, int(last) + 1)
-    return (start, end) if start < size and start < end else None
+    return (start, end) if start < size else None

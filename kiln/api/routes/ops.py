@@ -20,9 +20,12 @@ async def healthz() -> dict[str, str]:
 
 @router.get("/readyz")
 async def readyz(request: Request) -> JSONResponse:
-    """The worker is alive and can take requests."""
-    alive = services(request).worker.alive
-    return JSONResponse({"status": "ready" if alive else "not_ready", "worker": alive}, status_code=200 if alive else 503)
+    """The worker is alive and the default model is loaded."""
+    worker = services(request).worker
+    alive, loaded = worker.alive, getattr(worker, "ready", worker.alive)
+    ready = alive and loaded
+    body = {"status": "ready" if ready else "not_ready", "worker": alive, "model_loaded": loaded}
+    return JSONResponse(body, status_code=200 if ready else 503)
 
 
 @router.get("/metrics", response_class=Response)

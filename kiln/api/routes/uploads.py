@@ -49,6 +49,6 @@ def _check(data: bytes) -> str:
             img.verify()
     except InvalidImage:
         raise
-    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as exc:
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
         raise InvalidImage("the upload is not a readable JPEG, PNG or WebP image") from exc
     return media_type
