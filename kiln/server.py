@@ -76,7 +76,15 @@ def build_runtime(
         notify_terminal(services, job)
 
     worker.on_terminal = on_terminal
-    janitor = Janitor(store, upload_ttl_s=settings.upload_ttl_s)
+    def inputs_in_use() -> list[str]:
+        return [
+            name
+            for payload in broker.active_payloads()
+            for key, name in payload.get("request", {}).items()
+            if key.endswith("_asset")
+        ]
+
+    janitor = Janitor(store, upload_ttl_s=settings.upload_ttl_s, in_use=inputs_in_use)
     return Runtime(services, worker, dispatcher, janitor)
 
 

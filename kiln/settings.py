@@ -60,7 +60,14 @@ class Settings(BaseModel):
         return self.data_dir / "assets"
 
     def base_url(self) -> str:
-        return self.public_url or f"http://{self.host}:{self.port}"
+        """Where clients reach this server: ``public_url``, else the bound address (a wildcard bind
+        hands out loopback URLs; set ``public_url`` when serving other machines)."""
+        if self.public_url:
+            return self.public_url
+        host = {"0.0.0.0": "127.0.0.1", "::": "[::1]", "": "127.0.0.1"}.get(self.host, self.host)
+        if ":" in host and not host.startswith("["):
+            host = f"[{host}]"
+        return f"http://{host}:{self.port}"
 
 
 def load_settings(

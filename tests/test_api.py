@@ -11,7 +11,7 @@ from PIL import Image
 from api_helpers import running_server
 from helpers import png
 from kiln.errors import CapacityExhausted
-from kiln.queue import JobStatus
+from kiln.queue import JobStatus, Priority
 
 pytestmark = pytest.mark.slow
 
@@ -479,6 +479,11 @@ def test_uploads_expire(tmp_path):
     janitor = Janitor(store, upload_ttl_s=24 * 3600)
     assert janitor.run_once() == 1
     assert store.stat("u", old.name) is None and store.stat("u", new.name) and store.stat("i", kept.name)
+    needed = store.put(png(11, 11), "u", "image/png")  # the input of a job still queued
+    path = next((tmp_path / "assets").rglob(needed.name))
+    os.utime(path, (day_ago, day_ago))
+    assert Janitor(store, upload_ttl_s=24 * 3600, in_use=lambda: [needed.name]).run_once() == 0
+    assert store.stat("u", needed.name) is not None
 
 
 def test_metrics(server):
@@ -543,3 +548,32 @@ def test_broken_png_upload_is_400(server):
     data[-20] ^= 0xFF  # corrupt the IDAT checksum region
     r = server.client.post("/uploads", files={"file": ("x.png", bytes(data), "image/png")}, headers=server.auth)
     assert r.status_code == 400 and r.json()["error"] == "invalid_image"
+
+
+def test_websocket_survives_garbage_and_counts_every_generation(server):
+    slow = server.services.keys.create("ws-slow", rate_per_min=2).secret
+    with server.client.websocket_connect("/ws", headers={"Authorization": f"Bearer {slow}"}) as ws:
+        ws.send_bytes(b"\x00\x01binary")
+        assert ws.receive_json()["error"] == "invalid_parameters"
+        ws.send_text("not json")
+        assert ws.receive_json()["error"] == "invalid_parameters"
+        ws.send_json(ws_generate(id="one"))  # the connection counted 1 of 2
+        assert ws.receive_json()["type"] == "complete"
+        ws.send_json(ws_generate(id="two"))
+        message = ws.receive_json()
+        assert (message["id"], message["error"]) == ("two", "rate_limit_exceeded") and message["retry_after"] >= 1
+
+
+def test_credits_are_refunded_when_nothing_is_made_and_idempotent_repeats_are_free(busy):
+    keys = busy.services.keys
+    two = keys.create("two", credits=2)
+    hdr = {"Authorization": f"Bearer {two.secret}"}
+    r = busy.client.post("/image/flux/dev/t2i?format=toy-64", json=PROMPT, headers=hdr)
+    assert r.status_code == 503 and keys.get(two.record.id).credits == 2  # a 503 costs nothing
+    first = busy.client.post("/queue", json=queue_body(idempotency_key="same"), headers=hdr).json()
+    assert keys.get(two.record.id).credits == 1
+    keys.spend(two.record.id)  # now empty
+    again = busy.client.post("/queue", json=queue_body(idempotency_key="same"), headers=hdr)
+    assert again.status_code == 202 and again.json()["id"] == first["id"]
+    broke = busy.client.post("/queue", json=queue_body(), headers=hdr)
+    assert broke.status_code == 402 and busy.services.broker.depth()[Priority.NORMAL] == 1

@@ -75,3 +75,17 @@ def test_keys_command(tmp_path, capsys):
     assert main(["keys", "revoke", key_id, "--data-dir", data]) == 0
     assert main(["keys", "revoke", key_id, "--data-dir", data]) == 2
     assert "revoked" in (capsys.readouterr().out + "") and main(["keys", "create", "--rate", "0", "--data-dir", data]) == 2
+
+
+@pytest.mark.parametrize(("host", "url"), [("0.0.0.0", "http://127.0.0.1:8080"), ("::", "http://[::1]:8080"),
+                                           ("10.1.2.3", "http://10.1.2.3:8080"), ("fe80::1", "http://[fe80::1]:8080")])
+def test_base_url_never_hands_out_a_wildcard_address(host, url):
+    assert load_settings({"host": host}, environ={}).base_url() == url
+    assert load_settings({"host": host, "public_url": "https://kiln.example/"}, environ={}).base_url() == "https://kiln.example"
+
+
+def test_keys_create_bounds_and_zero_credits(tmp_path, capsys):
+    data = str(tmp_path / "d")
+    assert main(["keys", "create", "--credits", "0", "--data-dir", data]) == 0
+    assert "credits 0" in capsys.readouterr().out
+    assert main(["keys", "create", "--rate", str(10**20), "--data-dir", data]) == 2

@@ -16,6 +16,9 @@ from kiln.api.routes import cdn, discovery, events, generate, ops, uploads, ws
 from kiln.api.services import Services
 
 
+KNOWN_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
+
+
 def create_app(services: Services, *, on_start: Callable[[], None] | None = None,
                on_stop: Callable[[], None] | None = None) -> FastAPI:
     """Build the app around ``services``; ``on_start``/``on_stop`` run in its lifespan (the worker)."""
@@ -45,8 +48,9 @@ def create_app(services: Services, *, on_start: Callable[[], None] | None = None
         response = await call_next(request)
         response.headers.update(rate_headers(request))
         route = request.scope.get("route")
+        method = request.method if request.method in KNOWN_METHODS else "other"  # clients choose methods
         services.metrics.observe_request(
-            getattr(route, "path", "unmatched"), request.method, response.status_code, time.perf_counter() - started
+            getattr(route, "path", "unmatched"), method, response.status_code, time.perf_counter() - started
         )
         return response
 

@@ -38,14 +38,15 @@ def _store(args):
 
 def run_create(args) -> int:
     store, settings = _store(args)
-    if args.rate is not None and args.rate < 1:
-        raise InvalidParameters("--rate must be at least 1")
-    if args.credits is not None and args.credits < 0:
-        raise InvalidParameters("--credits must be 0 or more")
+    if args.rate is not None and not 1 <= args.rate <= 10**9:
+        raise InvalidParameters("--rate must be between 1 and 1000000000 requests per minute")
+    if args.credits is not None and not 0 <= args.credits <= 2**62:
+        raise InvalidParameters("--credits must be between 0 and 2**62")
     expires = time.time() + args.expires_days * 86400 if args.expires_days else None
     new = store.create(args.name, rate_per_min=args.rate or settings.default_rate_per_min, credits=args.credits,
                        expires=expires)
-    print(f"id {new.record.id}  rate {new.record.rate_per_min}/min  credits {new.record.credits or 'unlimited'}")
+    credits = "unlimited" if new.record.credits is None else new.record.credits
+    print(f"id {new.record.id}  rate {new.record.rate_per_min}/min  credits {credits}")
     print(f"webhook secret {new.record.webhook_secret}")
     print(new.secret)
     return 0

@@ -12,6 +12,7 @@ def add_parser(sub) -> None:
     p.add_argument("--host", help="address to listen on (default 127.0.0.1; KILN_HOST)")
     p.add_argument("--port", type=int, help="port (default 8080; KILN_PORT)")
     add_data_dir(p)
+    p.add_argument("--catalog", dest="serve_catalog", metavar="FILE", help="model catalog TOML (as kiln --catalog)")
     p.add_argument("--public-url", help="base URL for Content-Location and job outputs (KILN_PUBLIC_URL)")
     p.add_argument("--config", help="settings file (TOML; KILN_CONFIG)")
     p.add_argument("--no-auth", action="store_true", help="serve without API keys (a private machine only)")
@@ -33,7 +34,7 @@ def run(args) -> int:
             "host": args.host,
             "port": args.port,
             "data_dir": args.data_dir,
-            "catalog": args.catalog,
+            "catalog": args.serve_catalog or args.catalog,
             "public_url": args.public_url,
             "auth": False if args.no_auth else None,
         },

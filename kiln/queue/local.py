@@ -182,6 +182,12 @@ class SqliteBroker:
             counts = {Priority(r["priority"]): r["n"] for r in rows}
         return {p: counts.get(p, 0) for p in Priority}
 
+    def active_payloads(self) -> list[dict[str, Any]]:
+        """Payloads of queued and running jobs (housekeeping keeps what they reference)."""
+        with self._lock:
+            rows = self._db.execute("SELECT payload FROM jobs WHERE status IN ('queued', 'running')").fetchall()
+        return [json.loads(r["payload"]) for r in rows]
+
     # --- worker side -----------------------------------------------------------------------------
 
     def claim(self, worker_id: str) -> Job | None:

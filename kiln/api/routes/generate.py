@@ -12,6 +12,7 @@ from fastapi.responses import JSONResponse, Response
 from starlette.concurrency import run_in_threadpool
 
 from kiln.api.auth import authenticate, services, spend_credit
+from kiln.api.errors import ApiError
 from kiln.api.jobs import absolute, job_json, own_job
 from kiln.api.requests import build_request
 from kiln.api.schemas import GenerateBody, QueueBody
@@ -99,7 +100,15 @@ async def _sync(request: Request, modality: str, family: str, model: str, task: 
         )
     except CapacityExhausted:
         if "respond-async" in request.headers.get("prefer", "").lower():
-            return _enqueue(request, canonical, key, priority="normal", charge=False)  # already charged
+            try:
+                return _enqueue(request, canonical, key, priority="normal", charge=False)  # charged above
+            except BaseException:
+                _refund(svc, key)
+                raise
+        _refund(svc, key)
+        raise
+    except BaseException:
+        _refund(svc, key)  # nothing was made
         raise
     svc.metrics.observe_sync(spec.key, time.perf_counter() - started)
     asset = stored.assets[0]
@@ -117,31 +126,32 @@ async def _sync(request: Request, modality: str, family: str, model: str, task: 
 def _enqueue(request: Request, canonical: GenerationRequest, key: KeyRecord | None, *, priority: str,
              idempotency_key: str | None = None, request_hash: str | None = None, charge: bool,
              webhook: str | None = None) -> JSONResponse:
+    """Queue the job; with ``charge``, a new job costs one credit (the same idempotent request again
+    returns the existing job at no cost, even with no credit left)."""
     svc = services(request)
-    if charge:
-        spend_credit(request, key)
-    try:
-        payload = to_payload(canonical, svc.store)
-        if webhook is not None:
-            payload["webhook"] = webhook
-        job, created = svc.broker.submit(
-            payload,
-            priority=Priority(priority),
-            key_id=key.id if key else None,
-            idempotency_key=idempotency_key,
-            request_hash=request_hash,
-            max_depth=svc.settings.queue_max_depth,
-        )
-    except BaseException:
-        if charge and key is not None:
-            svc.keys.refund(key.id)
-        raise
+    payload = to_payload(canonical, svc.store)
+    if webhook is not None:
+        payload["webhook"] = webhook
+    job, created = svc.broker.submit(
+        payload,
+        priority=Priority(priority),
+        key_id=key.id if key else None,
+        idempotency_key=idempotency_key,
+        request_hash=request_hash,
+        max_depth=svc.settings.queue_max_depth,
+    )
+    if created and charge and key is not None and not svc.keys.spend(key.id):
+        svc.broker.cancel(job.id)
+        raise ApiError(402, "insufficient_credits", "this API key has no credits left")
     if created:
         svc.worker.wake()
-    elif charge and key is not None:
-        svc.keys.refund(key.id)  # the same idempotent request again: one job, one charge
     body = job_json(svc, job)
     return JSONResponse(body, status_code=202, headers={"Location": absolute(svc, f"/jobs/{job.id}")})
+
+
+def _refund(svc, key: KeyRecord | None) -> None:
+    if key is not None:
+        svc.keys.refund(key.id)
 
 
 def _spec(request: Request, modality: str, family: str, model: str) -> ModelSpec:

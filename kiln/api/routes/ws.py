@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import io
+import json
 import secrets
 import threading
 import time
@@ -56,13 +57,16 @@ async def websocket(ws: WebSocket) -> None:
     tasks: set[asyncio.Task] = set()
     try:
         while True:
-            message = await ws.receive_json()
-            kind = message.get("type") if isinstance(message, dict) else None
+            raw = await ws.receive()
+            if raw["type"] == "websocket.disconnect":
+                break
+            message = _parse(raw)
+            kind = message.get("type") if message is not None else None
             if kind == "generate":
                 gen_id = str(message.get("id") or "g_" + secrets.token_hex(6))
-                if gen_id in running:
-                    await send({"type": "error", "id": gen_id, "error": "invalid_parameters",
-                                "message": f"generation {gen_id} is already running on this connection"})
+                problem = _refuse(svc, key, gen_id, running)
+                if problem is not None:
+                    await send(problem)
                     continue
                 cancel = threading.Event()
                 running[gen_id] = cancel
@@ -78,14 +82,48 @@ async def websocket(ws: WebSocket) -> None:
                     event.set()
             else:
                 await send({"type": "error", "error": "invalid_parameters",
-                            "message": "message type must be generate or cancel"})
+                            "message": "messages are JSON objects of type generate or cancel"})
     except (WebSocketDisconnect, RuntimeError):
         pass
-    except ValueError:  # not JSON
-        await send({"type": "error", "error": "invalid_parameters", "message": "messages are JSON objects"})
     finally:
         for event in running.values():
             event.set()  # the client is gone: stop its generations between steps
+
+
+MAX_IN_FLIGHT = 4
+
+
+def _parse(raw: dict) -> dict | None:
+    text = raw.get("text")
+    if text is None and raw.get("bytes") is not None:
+        try:
+            text = raw["bytes"].decode("utf-8")
+        except UnicodeDecodeError:
+            return None
+    try:
+        message = json.loads(text) if text is not None else None
+    except ValueError:
+        return None
+    return message if isinstance(message, dict) else None
+
+
+def _refuse(svc, key, gen_id: str, running: dict) -> dict | None:
+    """Why this generate message cannot start now (each one counts against the key's rate), or None."""
+    if gen_id in running:
+        return {"type": "error", "id": gen_id, "error": "invalid_parameters",
+                "message": f"generation {gen_id} is already running on this connection"}
+    if len(running) >= MAX_IN_FLIGHT:
+        return {"type": "error", "id": gen_id, "error": "rate_limit_exceeded",
+                "message": f"at most {MAX_IN_FLIGHT} generations at once per connection"}
+    if key is not None:
+        current = svc.keys.get(key.id)
+        if current is None or not current.active(svc.keys.clock()):
+            return {"type": "error", "id": gen_id, "error": "token_expired", "message": "API key has been revoked or has expired"}
+        rate = svc.limiter.hit(key.id, current.rate_per_min)
+        if not rate.allowed:
+            return {"type": "error", "id": gen_id, "error": "rate_limit_exceeded",
+                    "message": f"Rate limit: {rate.limit}/min", "retry_after": rate.reset_s}
+    return None
 
 
 async def _authenticate(ws: WebSocket, svc):
@@ -109,6 +147,7 @@ async def _generate(ws, svc, key, gen_id, message, cancel, send, running) -> Non
     stream = bool(message.get("stream_frames"))
     fields = {k: v for k, v in message.items() if k not in ("type", "id", "stream_frames")}
     started = time.perf_counter()
+    charged = False
     try:
         body = QueueBody.model_validate({**fields, "priority": "normal"})
         spec = svc.catalog.resolve(body.family, body.model)
@@ -117,6 +156,7 @@ async def _generate(ws, svc, key, gen_id, message, cancel, send, running) -> Non
         canonical = await build_request(svc, body, spec, body.task, body.format)
         if key is not None and not svc.keys.spend(key.id):
             raise ApiError(402, "insufficient_credits", "this API key has no credits left")
+        charged = key is not None
 
         def on_step(event) -> None:
             if stream and event.preview is not None:
@@ -136,8 +176,12 @@ async def _generate(ws, svc, key, gen_id, message, cancel, send, running) -> Non
     except ValidationError as exc:
         await _send_error(send, gen_id, "invalid_parameters", describe_validation_error(exc))
     except KilnError as exc:
+        if charged:
+            svc.keys.refund(key.id)
         await _send_error(send, gen_id, exc.code, exc.message, getattr(exc, "retry_after", None))
     except Exception:  # noqa: BLE001 - never a stack trace to the client
+        if charged:
+            svc.keys.refund(key.id)
         await _send_error(send, gen_id, "internal_error", "internal server error")
     finally:
         running.pop(gen_id, None)
