@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -19,7 +20,7 @@ from kiln.maintenance import Janitor
 from kiln.queue import SqliteBroker
 from kiln.settings import Settings
 from kiln.storage import LocalAssetStore
-from kiln.webhooks import DEFAULT_SCHEDULE, Dispatcher, Outbox
+from kiln.webhooks import DEFAULT_SCHEDULE, GIVE_UP_AFTER, Dispatcher, Outbox
 from kiln.worker import Worker
 
 log = logging.getLogger(__name__)
@@ -35,9 +36,21 @@ class Runtime:
     janitor: Janitor
 
     def start(self) -> None:
+        self.resend_missed_webhooks()
         self.worker.start()
         self.dispatcher.start()
         self.janitor.start()
+
+    def resend_missed_webhooks(self) -> int:
+        """A process killed between finishing a job and queueing its webhook would lose it: queue
+        every recent terminal job's webhook again (the outbox ignores ones it already has)."""
+        svc = self.services
+        if svc.outbox is None or not hasattr(svc.broker, "finished_since"):
+            return 0
+        jobs = [j for j in svc.broker.finished_since(time.time() - GIVE_UP_AFTER) if j.payload.get("webhook")]
+        for job in jobs:
+            notify_terminal(svc, job)
+        return len(jobs)
 
     def stop(self) -> None:
         self.worker.stop()  # finishes or hands back the job in hand

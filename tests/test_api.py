@@ -577,3 +577,19 @@ def test_credits_are_refunded_when_nothing_is_made_and_idempotent_repeats_are_fr
     assert again.status_code == 202 and again.json()["id"] == first["id"]
     broke = busy.client.post("/queue", json=queue_body(), headers=hdr)
     assert broke.status_code == 402 and busy.services.broker.depth()[Priority.NORMAL] == 1
+
+
+def test_a_webhook_lost_to_a_crash_is_queued_at_the_next_start(tmp_path, engine):
+    from kiln.server import build_runtime
+    from kiln.settings import Settings
+
+    settings = Settings(data_dir=tmp_path / "data")
+    runtime = build_runtime(settings, engine=engine, worker=BusyWorker())
+    broker, outbox = runtime.services.broker, runtime.services.outbox
+    job, _ = broker.submit({"request": {}, "webhook": "https://hooks.example/x"})
+    broker.claim("w")
+    broker.complete(job.id, "/i/" + "a" * 64 + ".webp", {})  # ...and the process dies before the outbox insert
+    assert outbox.state_for_job(job.id) == []
+    assert runtime.resend_missed_webhooks() == 1
+    assert len(outbox.state_for_job(job.id)) == 1
+    assert runtime.resend_missed_webhooks() == 1 and len(outbox.state_for_job(job.id)) == 1  # idempotent

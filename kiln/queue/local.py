@@ -188,6 +188,14 @@ class SqliteBroker:
             rows = self._db.execute("SELECT payload FROM jobs WHERE status IN ('queued', 'running')").fetchall()
         return [json.loads(r["payload"]) for r in rows]
 
+    def finished_since(self, since: float) -> list[Job]:
+        """Jobs that reached a terminal state at or after ``since`` (for start-up sweeps)."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT id FROM jobs WHERE status IN ('complete', 'failed', 'cancelled') AND finished >= ?", (since,)
+            ).fetchall()
+            return [self._get(self._db, r["id"]) for r in rows]  # type: ignore[misc]
+
     # --- worker side -----------------------------------------------------------------------------
 
     def claim(self, worker_id: str) -> Job | None:
