@@ -37,6 +37,8 @@ class Server:
 
 @contextmanager
 def running_server(tmp_path, engine, *, worker=None, webhook_schedule=(0.05, 0.05, 0.05), **settings):
+    # a busy CI machine can take seconds to preload the default model: give sync requests time
+    settings.setdefault("sync_wait_s", 120.0)
     settings = Settings(data_dir=tmp_path / "data", **settings)
     runtime = build_runtime(settings, engine=engine, worker=worker, webhook_schedule=webhook_schedule)
     app = create_app(runtime.services, on_start=runtime.start, on_stop=runtime.stop)

@@ -12,11 +12,12 @@ import hashlib
 import hmac
 import secrets
 import sqlite3
-import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+
+from kiln.sqlite import SqliteStore
 
 KEY_PREFIX = "kiln_sk_"
 
@@ -66,21 +67,12 @@ def looks_like_a_key(value: str) -> bool:
     return value.startswith(KEY_PREFIX) and 40 <= len(value) <= 128 and value.isascii()
 
 
-class KeyStore:
+class KeyStore(SqliteStore):
     """Keys in the server's SQLite file (shared with the job broker; WAL, safe across processes)."""
 
     def __init__(self, path: str | Path, *, clock: Callable[[], float] = time.time) -> None:
+        super().__init__(path, SCHEMA)
         self.clock = clock
-        self._lock = threading.Lock()
-        self._db = sqlite3.connect(Path(path), isolation_level=None, check_same_thread=False, timeout=30.0)
-        self._db.row_factory = sqlite3.Row
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA busy_timeout=30000")
-        self._db.executescript(SCHEMA)
-
-    def close(self) -> None:
-        with self._lock:
-            self._db.close()
 
     def create(
         self, name: str = "", *, rate_per_min: int = 100, credits: int | None = None, expires: float | None = None

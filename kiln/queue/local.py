@@ -11,15 +11,14 @@ from __future__ import annotations
 import json
 import secrets
 import sqlite3
-import threading
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from kiln.errors import IdempotencyConflict, QueueFull
 from kiln.queue.job import Job, JobStatus, Priority, check_transition
+from kiln.sqlite import SqliteStore
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS jobs (
@@ -59,7 +58,7 @@ CREATE TABLE IF NOT EXISTS idempotency (
 EFFECTIVE_RANK = "MAX(0, rank - CAST((:now - created) / :aging AS INTEGER))"
 
 
-class SqliteBroker:
+class SqliteBroker(SqliteStore):
     """:class:`~kiln.queue.base.Broker` on a SQLite file.
 
     ``aging_seconds``: how long a job waits before it competes one priority higher.
@@ -75,32 +74,10 @@ class SqliteBroker:
         idempotency_ttl: float = 24 * 3600.0,
         clock: Callable[[], float] = time.time,
     ) -> None:
-        self.path = Path(path)
+        super().__init__(path, SCHEMA)
         self.aging = aging_seconds
         self.idempotency_ttl = idempotency_ttl
         self.clock = clock
-        self._lock = threading.Lock()
-        self._db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=30.0)
-        self._db.row_factory = sqlite3.Row
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=NORMAL")  # WAL + NORMAL: durable across process crashes
-        self._db.execute("PRAGMA busy_timeout=30000")
-        self._db.executescript(SCHEMA)
-
-    def close(self) -> None:
-        with self._lock:
-            self._db.close()
-
-    @contextmanager
-    def _tx(self) -> Iterator[sqlite3.Connection]:
-        with self._lock:
-            self._db.execute("BEGIN IMMEDIATE")
-            try:
-                yield self._db
-            except BaseException:
-                self._db.execute("ROLLBACK")
-                raise
-            self._db.execute("COMMIT")
 
     # --- API side --------------------------------------------------------------------------------
 
@@ -117,7 +94,7 @@ class SqliteBroker:
         priority = Priority(priority)
         body = json.dumps(payload, separators=(",", ":"))
         now = self.clock()
-        with self._tx() as db:
+        with self.transaction() as db:
             if idempotency_key is not None:
                 row = db.execute(
                     "SELECT job_id, request_hash, created FROM idempotency WHERE key_id = ? AND key = ?",
@@ -166,7 +143,7 @@ class SqliteBroker:
         return ahead + 1
 
     def cancel(self, job_id: str) -> Job | None:
-        with self._tx() as db:
+        with self.transaction() as db:
             job = self._get(db, job_id)
             if job is None or job.status.terminal:
                 return job
@@ -200,7 +177,7 @@ class SqliteBroker:
 
     def claim(self, worker_id: str) -> Job | None:
         now = self.clock()
-        with self._tx() as db:
+        with self.transaction() as db:
             row = db.execute(
                 f"SELECT id FROM jobs WHERE status = 'queued' ORDER BY {EFFECTIVE_RANK}, created, id LIMIT 1",
                 {"now": now, "aging": self.aging},
@@ -213,7 +190,7 @@ class SqliteBroker:
             return self._get(db, job.id)
 
     def report_progress(self, job_id: str, step: int, total_steps: int) -> bool:
-        with self._tx() as db:
+        with self.transaction() as db:
             db.execute(
                 "UPDATE jobs SET step = ?, total_steps = ? WHERE id = ? AND status = 'running'", (step, total_steps, job_id)
             )
@@ -230,13 +207,13 @@ class SqliteBroker:
         return self._finish(job_id, JobStatus.CANCELLED)
 
     def requeue(self, job_id: str) -> Job:
-        with self._tx() as db:
+        with self.transaction() as db:
             job = self._require(db, job_id)
             self._set(db, job, JobStatus.QUEUED, started=None, worker_id=None, step=0, total_steps=0)
             return self._get(db, job_id)  # type: ignore[return-value]
 
     def recover(self) -> int:
-        with self._tx() as db:
+        with self.transaction() as db:
             cur = db.execute(
                 "UPDATE jobs SET status = 'queued', started = NULL, worker_id = NULL, step = 0, total_steps = 0"
                 " WHERE status = 'running'"
@@ -246,7 +223,7 @@ class SqliteBroker:
     # --- internals -------------------------------------------------------------------------------
 
     def _finish(self, job_id: str, status: JobStatus, **fields: Any) -> Job:
-        with self._tx() as db:
+        with self.transaction() as db:
             job = self._require(db, job_id)
             self._set(db, job, status, finished=self.clock(), **fields)
             return self._get(db, job_id)  # type: ignore[return-value]

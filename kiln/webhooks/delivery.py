@@ -30,16 +30,16 @@ import itertools
 import logging
 import random
 import sqlite3
-import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from enum import StrEnum
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
+
+from kiln.sqlite import SqliteStore
 
 log = logging.getLogger(__name__)
 
@@ -139,7 +139,7 @@ class Delivery:
         }
 
 
-class Outbox:
+class Outbox(SqliteStore):
     """Webhook messages in a SQLite file (WAL), safe across threads and processes.
 
     ``schedule``: seconds to wait after the 1st, 2nd, … failed attempt; the last entry repeats.
@@ -163,24 +163,13 @@ class Outbox:
             raise ValueError(f"schedule must be positive delays that never decrease, not {tuple(schedule)}")
         if not 0 <= jitter <= 1:
             raise ValueError(f"jitter is a fraction between 0 and 1, not {jitter}")
-        self.path = Path(path)
+        super().__init__(path, SCHEMA)
         self.clock = clock
         self.schedule = tuple(float(s) for s in schedule)
         self.jitter = jitter
         self.give_up_after = give_up_after
         self._rng = rng or random.Random()
         self._listeners: list[Callable[[], None]] = []
-        self._lock = threading.Lock()
-        self._db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=30.0)
-        self._db.row_factory = sqlite3.Row
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=NORMAL")
-        self._db.execute("PRAGMA busy_timeout=30000")
-        self._db.executescript(SCHEMA)
-
-    def close(self) -> None:
-        with self._lock:
-            self._db.close()
 
     def subscribe(self, callback: Callable[[], None]) -> None:
         """Call ``callback()`` (from the enqueuing thread, after the commit) whenever a message is enqueued."""
@@ -189,17 +178,6 @@ class Outbox:
     def unsubscribe(self, callback: Callable[[], None]) -> None:
         if callback in self._listeners:
             self._listeners.remove(callback)
-
-    @contextmanager
-    def _tx(self) -> Iterator[sqlite3.Connection]:
-        with self._lock:
-            self._db.execute("BEGIN IMMEDIATE")
-            try:
-                yield self._db
-            except BaseException:
-                self._db.execute("ROLLBACK")
-                raise
-            self._db.execute("COMMIT")
 
     # --- the API side ----------------------------------------------------------------------------
 
@@ -212,7 +190,7 @@ class Outbox:
         validate_webhook_url(url)
         msg_id = message_id(job_id, url)
         now = self.clock()
-        with self._tx() as db:
+        with self.transaction() as db:
             db.execute(
                 "INSERT OR IGNORE INTO webhook_deliveries (msg_id, job_id, url, body, secret_ref, state, created,"
                 " next_attempt_at) VALUES (?, ?, ?, ?, ?, 'pending', ?, ?)",
@@ -241,7 +219,7 @@ class Outbox:
 
     def purge(self, before: float) -> int:
         """Delete delivered and failed messages created before ``before``; the number deleted."""
-        with self._tx() as db:
+        with self.transaction() as db:
             cur = db.execute("DELETE FROM webhook_deliveries WHERE state != 'pending' AND created < ?", (before,))
             return cur.rowcount
 
@@ -265,7 +243,7 @@ class Outbox:
         meanwhile, and an attempt cut short by a crash is retried once the lease runs out.
         """
         now = self.clock() if now is None else now
-        with self._tx() as db:
+        with self.transaction() as db:
             rows = db.execute(
                 "SELECT * FROM webhook_deliveries WHERE state = 'pending' AND next_attempt_at <= ?"
                 " ORDER BY next_attempt_at, created, rowid LIMIT ?",
@@ -308,7 +286,7 @@ class Outbox:
         A message that is no longer pending is returned unchanged.
         """
         now = self.clock()
-        with self._tx() as db:
+        with self.transaction() as db:
             row = db.execute("SELECT * FROM webhook_deliveries WHERE msg_id = ?", (msg_id,)).fetchone()
             if row is None:
                 raise KeyError(msg_id)
