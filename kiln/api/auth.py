@@ -44,14 +44,3 @@ def authenticate_token(svc, token: str, request: Request | None = None) -> KeyRe
 def spend_credit(request: Request, key: KeyRecord | None) -> None:
     if key is not None and not services(request).keys.spend(key.id):
         raise ApiError(402, "insufficient_credits", "this API key has no credits left")
-
-
-def rate_headers(request: Request) -> dict[str, str]:
-    rate = getattr(request.state, "rate", None)
-    if rate is None:
-        return {}
-    return {
-        "X-RateLimit-Limit": str(rate.limit),
-        "X-RateLimit-Remaining": str(rate.remaining),
-        "X-RateLimit-Reset": str(rate.reset_s),
-    }
