@@ -3,6 +3,8 @@ idempotent submission raced by 20 clients yields one job."""
 
 from __future__ import annotations
 
+import asyncio
+import json
 import os
 import signal
 import socket
@@ -105,6 +107,18 @@ def test_sigkill_loses_no_job_and_keeps_finished_results(catalog_file, data_dir,
         assert server.graceful(), server.log
 
 
+async def _websocket_generation(port: int, token: str) -> str:
+    """/ws through real uvicorn (TestClient would not notice a missing WebSocket library)."""
+    import websockets
+
+    async with websockets.connect(f"ws://127.0.0.1:{port}/ws") as ws:
+        await ws.send(json.dumps({"type": "auth", "token": token}))
+        await ws.send(json.dumps({"type": "generate", **body(steps=15), "stream_frames": True}))
+        while (message := json.loads(await asyncio.wait_for(ws.recv(), 60)))["type"] == "frame":
+            pass
+        return message["type"]
+
+
 def test_idempotent_submission_raced_by_20_clients_makes_one_job(catalog_file, data_dir, key):
     server = Process(catalog_file, data_dir)
     try:
@@ -121,5 +135,6 @@ def test_idempotent_submission_raced_by_20_clients_makes_one_job(catalog_file, d
         for t in threads:
             t.join()
         assert len(ids) == 20 and {s for s, _ in ids} == {202} and len({i for _, i in ids}) == 1
+        assert asyncio.run(_websocket_generation(server.port, key["Authorization"].split()[1])) == "complete"
     finally:
         assert server.graceful(), server.log
