@@ -20,3 +20,13 @@ def mask_png(width: int = 64, height: int = 64) -> bytes:
     buf = io.BytesIO()
     img.save(buf, "PNG")
     return buf.getvalue()
+
+
+class Clock:
+    """A settable clock for code that takes ``clock=``: tests move time instead of sleeping."""
+
+    def __init__(self, now: float = 1_700_000_000.0) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now

@@ -10,21 +10,15 @@ import threading
 
 import pytest
 
+from helpers import Clock
+
 from kiln.errors import IdempotencyConflict, QueueFull
 from kiln.queue import InvalidTransition, JobStatus, Priority, SqliteBroker
 
 
-class Clock:
-    def __init__(self, now: float = 1_700_000_000.0) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
-
-
 @pytest.fixture
 def clock() -> Clock:
-    return Clock()
+    return Clock(1_700_000_000.0)
 
 
 @pytest.fixture

@@ -20,6 +20,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import httpx
 import pytest
 
+from helpers import Clock
+
 from kiln.webhooks import (
     DEFAULT_SCHEDULE,
     DeliveryState,
@@ -49,17 +51,9 @@ def headers_for(msg_id: str, timestamp: int, signature: str) -> dict[str, str]:
     return {"webhook-id": msg_id, "webhook-timestamp": str(timestamp), "webhook-signature": signature}
 
 
-class Clock:
-    def __init__(self, now: float = T0) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
-
-
 @pytest.fixture
 def clock() -> Clock:
-    return Clock()
+    return Clock(T0)
 
 
 @pytest.fixture
