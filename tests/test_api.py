@@ -593,3 +593,31 @@ def test_a_webhook_lost_to_a_crash_is_queued_at_the_next_start(tmp_path, engine)
     assert runtime.resend_missed_webhooks() == 1
     assert len(outbox.state_for_job(job.id)) == 1
     assert runtime.resend_missed_webhooks() == 1 and len(outbox.state_for_job(job.id)) == 1  # idempotent
+
+
+def test_sigterm_hands_a_long_job_back_to_the_queue(tmp_path, engine):
+    import threading as _threading
+
+    from kiln.queue import SqliteBroker
+    from kiln.storage import LocalAssetStore
+    from kiln.worker import Worker, to_payload
+    from kiln.engine import GenerationRequest
+
+    broker = SqliteBroker(tmp_path / "jobs.db")
+    store = LocalAssetStore(tmp_path / "assets")
+    worker = Worker(engine, broker, store)
+    request = GenerationRequest.create(family="flux", model="dev", task="t2i", format="toy-64", prompt="a red circle",
+                                       steps=50)
+    started = _threading.Event()
+    original = broker.report_progress
+
+    def report(job_id, step, total):
+        started.set()
+        return original(job_id, step, total)
+
+    broker.report_progress = report
+    job, _ = broker.submit(to_payload(request, store))
+    worker.start()
+    assert started.wait(60)
+    worker.stop(timeout=0.0)  # no time to finish: it must go back, not be lost or marked cancelled
+    assert broker.get(job.id).status is JobStatus.QUEUED

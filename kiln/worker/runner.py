@@ -45,6 +45,9 @@ class _SyncItem:
     withdrawn: bool = False
 
 
+STEP_WAIT_S = 60.0
+
+
 class Worker:
     def __init__(
         self, engine: Engine, broker: Broker, store: AssetStore, *, worker_id: str = "local", preload: tuple[str, ...] = ()
@@ -53,6 +56,7 @@ class Worker:
         self.preload = preload  # model keys loaded before the worker reports alive (ready)
         # Called with each job that reached a terminal state here (webhooks); must not block.
         self.on_terminal: Callable[[Job], None] | None = None
+        self._job_cancel: threading.Event | None = None
         self._sync: deque[_SyncItem] = deque()
         self._cond = threading.Condition()
         self._stopping = False
@@ -76,8 +80,11 @@ class Worker:
             self._cond.notify_all()
         if self._thread is not None:
             self._thread.join(timeout)
-            if self._thread.is_alive() and self.current_job is not None:
-                log.warning("job %s still running at shutdown; it will run again at next start", self.current_job)
+            if self._thread.is_alive() and self._job_cancel is not None:
+                # too long to finish: stop it between steps and hand it back to the queue
+                log.warning("job %s outlasted the shutdown wait; handing it back to the queue", self.current_job)
+                self._job_cancel.set()
+                self._thread.join(STEP_WAIT_S)  # the engine stops at the end of the current step
 
     def wake(self) -> None:
         with self._cond:
@@ -166,7 +173,7 @@ class Worker:
 
     def _run_job(self, job: Job) -> None:
         self.current_job = job.id
-        cancel = threading.Event()
+        cancel = self._job_cancel = threading.Event()
 
         def on_step(event) -> None:
             if self.broker.report_progress(job.id, event.step, event.total):
@@ -175,6 +182,10 @@ class Worker:
         try:
             stored = self._generate(from_payload(job.payload, self.store), on_step=on_step, cancel=cancel)
         except GenerationCancelled:
+            if self._stopping and not self.broker.get(job.id).cancel_requested:
+                self.broker.requeue(job.id)  # shutdown, not the client: it runs again at next start
+                log.info("job %s handed back to the queue", job.id)
+                return
             finished = self.broker.mark_cancelled(job.id)
         except KilnError as exc:
             finished = self.broker.fail(job.id, exc.code, exc.message)
@@ -196,6 +207,7 @@ class Worker:
             )
         finally:
             self.current_job = None
+            self._job_cancel = None
         if self.on_terminal is not None:
             try:
                 self.on_terminal(finished)
