@@ -43,7 +43,10 @@ async def build_request(
         mask=mask,
         duration=body.duration,
     )
-    await run_in_threadpool(svc.validate, canonical)
+    if image is None and mask is None:
+        svc.validate(canonical)  # no image to decode: cheaper than a hop to the threadpool and back
+    else:
+        await run_in_threadpool(svc.validate, canonical)
     return canonical
 
 
