@@ -10,7 +10,6 @@ from PIL import Image
 
 from api_helpers import running_server
 from helpers import png
-from kiln.errors import CapacityExhausted
 from kiln.queue import JobStatus, Priority
 
 pytestmark = pytest.mark.slow
@@ -171,10 +170,17 @@ def test_health_docs_and_unknown_routes(server):
 
 
 class BusyWorker:
+    """A worker that never gets round to sync requests (every slot stays busy)."""
+
     alive, current_job, seconds_per_job = True, None, 4.0
 
-    def run_sync(self, request, *, wait_s, retry_after):
-        raise CapacityExhausted(f"sync tier at capacity, retry in {retry_after}s or use async", retry_after=retry_after)
+    def submit_sync(self, request, **kwargs):
+        from kiln.worker import SyncTicket
+
+        return SyncTicket(request)  # never started
+
+    def withdraw(self, ticket):
+        return True
 
     def wake(self):
         pass
@@ -188,7 +194,7 @@ class BusyWorker:
 
 @pytest.fixture
 def busy(tmp_path, engine):
-    with running_server(tmp_path, engine, worker=BusyWorker(), queue_max_depth=2) as srv:
+    with running_server(tmp_path, engine, worker=BusyWorker(), queue_max_depth=2, sync_wait_s=0.05) as srv:
         yield srv
 
 
@@ -621,3 +627,16 @@ def test_sigterm_hands_a_long_job_back_to_the_queue(tmp_path, engine):
     assert started.wait(60)
     worker.stop(timeout=0.0)  # no time to finish: it must go back, not be lost or marked cancelled
     assert broker.get(job.id).status is JobStatus.QUEUED
+
+
+def test_a_real_worker_busy_with_a_job_answers_sync_with_503(tmp_path, engine):
+    with running_server(tmp_path, engine, sync_wait_s=0.05) as srv:
+        job = srv.client.post("/queue", json=queue_body(steps=50, format="512"), headers=srv.auth).json()
+        srv.wait_for(job["id"], until=lambda j: j.status is JobStatus.RUNNING and j.step >= 1)
+        r = srv.client.post("/image/flux/dev/t2i?format=toy-64", json={**PROMPT, "steps": 15}, headers=srv.auth)
+        assert r.status_code == 503 and r.json()["error"] == "capacity_exhausted"
+        srv.services.broker.cancel(job["id"])
+        srv.wait_for(job["id"])
+        # the worker is free again: sync requests go through
+        r = srv.client.post("/image/flux/dev/t2i?format=toy-64", json={**PROMPT, "steps": 15}, headers=srv.auth)
+        assert r.status_code == 200

@@ -13,6 +13,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future
+from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
 
 from kiln.engine import Engine, GenerationRequest, GenerationResult, Output, StepEvent
@@ -35,17 +36,24 @@ class Stored:
 
 
 @dataclass
-class _SyncItem:
+class SyncTicket:
+    """A sync request handed to the worker: ``started`` resolves when the worker takes it, ``done``
+    with its :class:`Stored` result (or error). Both are concurrent futures, so callers can wait
+    on them from a thread or await them on an event loop (``asyncio.wrap_future``)."""
+
     request: GenerationRequest
     on_step: Callable[[StepEvent], None] | None = None
     cancel: threading.Event | None = None
     previews: bool = False
-    future: Future = field(default_factory=Future)
-    started: threading.Event = field(default_factory=threading.Event)
-    withdrawn: bool = False
+    started: Future = field(default_factory=Future)
+    done: Future = field(default_factory=Future)
 
 
 STEP_WAIT_S = 60.0
+
+
+def capacity_exhausted(retry_after: int) -> CapacityExhausted:
+    return CapacityExhausted(f"sync tier at capacity, retry in {retry_after}s or use async", retry_after=retry_after)
 
 
 class Worker:
@@ -57,7 +65,7 @@ class Worker:
         # Called with each job that reached a terminal state here (webhooks); must not block.
         self.on_terminal: Callable[[Job], None] | None = None
         self._job_cancel: threading.Event | None = None
-        self._sync: deque[_SyncItem] = deque()
+        self._sync: deque[SyncTicket] = deque()
         self._cond = threading.Condition()
         self._stopping = False
         self._thread: threading.Thread | None = None
@@ -92,34 +100,39 @@ class Worker:
 
     # --- sync tier ---------------------------------------------------------------------------------
 
-    def run_sync(
+    def submit_sync(
         self,
         request: GenerationRequest,
         *,
-        wait_s: float,
-        retry_after: int,
         on_step: Callable[[StepEvent], None] | None = None,
         cancel: threading.Event | None = None,
         previews: bool = False,
-    ) -> Stored:
-        """Run ``request`` now or raise :class:`CapacityExhausted` if it cannot start within ``wait_s``.
-
-        Blocking: call it from a thread, not from the event loop. ``on_step`` is called from the
-        worker's thread.
-        """
-        item = _SyncItem(request, on_step=on_step, cancel=cancel, previews=previews)
+    ) -> SyncTicket:
+        """Put a sync request ahead of every queued job; non-blocking. ``on_step`` runs on the worker's thread."""
+        ticket = SyncTicket(request, on_step=on_step, cancel=cancel, previews=previews)
         with self._cond:
-            self._sync.append(item)
+            self._sync.append(ticket)
             self._cond.notify_all()
-        if not item.started.wait(wait_s):
-            with self._cond:
-                if not item.started.is_set():
-                    item.withdrawn = True
-                    self._sync.remove(item)
-                    raise CapacityExhausted(
-                        f"sync tier at capacity, retry in {retry_after}s or use async", retry_after=retry_after
-                    )
-        return item.future.result()
+        return ticket
+
+    def withdraw(self, ticket: SyncTicket) -> bool:
+        """Take back a ticket the worker has not started; False if it already has."""
+        with self._cond:
+            if ticket.started.done():
+                return False
+            self._sync.remove(ticket)
+            return True
+
+    def run_sync(self, request: GenerationRequest, *, wait_s: float, retry_after: int, **kwargs) -> Stored:
+        """Blocking form of :meth:`submit_sync` for threads: the result, or :class:`CapacityExhausted`
+        if the worker cannot start it within ``wait_s``."""
+        ticket = self.submit_sync(request, **kwargs)
+        try:
+            ticket.started.result(timeout=wait_s)
+        except FutureTimeout:
+            if self.withdraw(ticket):
+                raise capacity_exhausted(retry_after) from None
+        return ticket.done.result()
 
     # --- the loop ----------------------------------------------------------------------------------
 
@@ -151,7 +164,7 @@ class Worker:
                 return False
             item = self._sync.popleft() if self._sync else None
             if item is not None:
-                item.started.set()
+                item.started.set_result(None)
         if item is not None:
             self._run_sync_item(item)
             return True
@@ -164,12 +177,14 @@ class Worker:
                 self._cond.wait(timeout=0.5)
         return True
 
-    def _run_sync_item(self, item: _SyncItem) -> None:
+    def _run_sync_item(self, item: SyncTicket) -> None:
         try:
             stored = self._generate(item.request, on_step=item.on_step, cancel=item.cancel, previews=item.previews)
-            item.future.set_result(stored)
+            if not item.done.done():
+                item.done.set_result(stored)
         except BaseException as exc:  # handed to the waiting request, which maps it to HTTP
-            item.future.set_exception(exc if isinstance(exc, KilnError) else GenerationError("generation failed"))
+            if not item.done.done():
+                item.done.set_exception(exc if isinstance(exc, KilnError) else GenerationError("generation failed"))
 
     def _run_job(self, job: Job) -> None:
         self.current_job = job.id

@@ -9,10 +9,10 @@ from typing import Any
 
 from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import JSONResponse, Response
-from starlette.concurrency import run_in_threadpool
 
 from kiln.api.auth import authenticate, services, spend_credit
 from kiln.api.errors import ApiError
+from kiln.api.handoff import run_sync
 from kiln.api.jobs import absolute, job_json, own_job
 from kiln.api.requests import build_request
 from kiln.api.schemas import GenerateBody, QueueBody
@@ -95,8 +95,8 @@ async def _sync(request: Request, modality: str, family: str, model: str, task: 
     spend_credit(request, key)
     started = time.perf_counter()
     try:
-        stored = await run_in_threadpool(
-            svc.worker.run_sync, canonical, wait_s=svc.settings.sync_wait_s, retry_after=svc.settings.retry_after_s
+        stored = await run_sync(
+            svc.worker, canonical, wait_s=svc.settings.sync_wait_s, retry_after=svc.settings.retry_after_s
         )
     except CapacityExhausted:
         if "respond-async" in request.headers.get("prefer", "").lower():

@@ -21,10 +21,10 @@ from typing import Any
 
 from fastapi import APIRouter, WebSocket, WebSocketDisconnect
 from pydantic import ValidationError
-from starlette.concurrency import run_in_threadpool
 
 from kiln.api.auth import authenticate_token
 from kiln.api.errors import ApiError
+from kiln.api.handoff import run_sync
 from kiln.api.jobs import absolute
 from kiln.api.requests import build_request
 from kiln.api.schemas import QueueBody
@@ -166,8 +166,8 @@ async def _generate(ws, svc, key, gen_id, message, cancel, send, running) -> Non
                          "data": base64.b64encode(buf.getvalue()).decode()}
                 asyncio.run_coroutine_threadsafe(send(frame), loop)
 
-        stored = await run_in_threadpool(
-            svc.worker.run_sync, canonical, wait_s=svc.settings.sync_wait_s, retry_after=svc.settings.retry_after_s,
+        stored = await run_sync(
+            svc.worker, canonical, wait_s=svc.settings.sync_wait_s, retry_after=svc.settings.retry_after_s,
             on_step=on_step, cancel=cancel, previews=stream,
         )
         asset = stored.assets[0]
