@@ -640,3 +640,19 @@ def test_a_real_worker_busy_with_a_job_answers_sync_with_503(tmp_path, engine):
         # the worker is free again: sync requests go through
         r = srv.client.post("/image/flux/dev/t2i?format=toy-64", json={**PROMPT, "steps": 15}, headers=srv.auth)
         assert r.status_code == 200
+
+
+class MeasuredBusyWorker(BusyWorker):
+    """Busy, with measured step times: flux/dev takes 0.5 s a step here, other models unmeasured."""
+
+    def estimate(self, model, steps):
+        return 0.5 * steps if model == "flux/dev" else None
+
+
+def test_queued_eta_sums_measured_step_times_of_the_jobs_ahead(tmp_path, engine):
+    with running_server(tmp_path, engine, worker=MeasuredBusyWorker(), sync_wait_s=0.05) as srv:
+        first = srv.client.post("/queue", json=queue_body(steps=20), headers=srv.auth).json()
+        second = srv.client.post("/queue", json=queue_body(steps=40), headers=srv.auth).json()
+        other = srv.client.post("/queue", json=queue_body(model="schnell"), headers=srv.auth).json()
+        assert (first["eta_seconds"], second["eta_seconds"]) == (10, 30)
+        assert other["eta_seconds"] == 34  # 10 + 20 + schnell unmeasured: the average job time (4 s)

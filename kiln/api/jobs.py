@@ -8,6 +8,7 @@ from typing import Any
 
 from kiln.api.errors import ApiError
 from kiln.api.services import Services
+from kiln.errors import KilnError
 from kiln.keys import KeyRecord
 from kiln.queue import Job, JobStatus
 
@@ -32,7 +33,7 @@ def job_json(svc: Services, job: Job) -> dict[str, Any]:
     body: dict[str, Any] = {"id": job.id, "status": job.status.value, "created_at": iso(job.created)}
     if job.status is JobStatus.QUEUED:
         position = svc.broker.position(job.id) or 1
-        body.update(position=position, eta_seconds=_queued_eta(svc, position))
+        body.update(position=position, eta_seconds=_queued_eta(svc, job, position))
     elif job.status is JobStatus.RUNNING:
         body.update(
             progress=round(job.progress, 4),
@@ -63,12 +64,29 @@ def job_json(svc: Services, job: Job) -> dict[str, Any]:
     return body
 
 
-def _queued_eta(svc: Services, position: int) -> int | None:
-    """Jobs ahead (and this one) times the measured time per job; None until one has run."""
-    per_job = svc.worker.seconds_per_job
-    if per_job is None:
-        return None
-    return round(position * per_job)
+def _queued_eta(svc: Services, job: Job, position: int) -> int | None:
+    """The measured time of every job ahead and this one: steps x seconds per step for its model
+    (falling back to the average job time for a model not run yet); None until something has run."""
+    estimate = getattr(svc.worker, "estimate", None)
+    fallback = svc.worker.seconds_per_job
+    payloads = svc.broker.queued_through(job.id) if hasattr(svc.broker, "queued_through") else []
+    if estimate is None or not payloads:
+        return None if fallback is None else round(position * fallback)
+    total = 0.0
+    for payload in payloads:
+        request = payload.get("request", {})
+        guess = None
+        try:
+            spec = svc.catalog.resolve(request.get("family", ""), request.get("model", ""))
+            guess = estimate(spec.key, request.get("steps") or spec.steps.default)
+        except KilnError:
+            pass
+        if guess is None:
+            guess = fallback
+        if guess is None:
+            return None
+        total += guess
+    return round(total)
 
 
 def _running_eta(job: Job) -> int | None:

@@ -142,6 +142,22 @@ class SqliteBroker(SqliteStore):
             ).fetchone()
         return ahead + 1
 
+    def queued_through(self, job_id: str) -> list[dict[str, Any]]:
+        """Payloads of the queued jobs claimed before ``job_id``, and its own, in claim order (for ETAs)."""
+        now = self.clock()
+        with self._lock:
+            row = self._db.execute(
+                f"SELECT {EFFECTIVE_RANK} AS eff, created, id FROM jobs WHERE id = :id AND status = 'queued'",
+                {"id": job_id, "now": now, "aging": self.aging},
+            ).fetchone()
+            if row is None:
+                return []
+            rows = self._db.execute(
+                f"SELECT payload FROM jobs WHERE status = 'queued' AND ({EFFECTIVE_RANK}, created, id) <= (:eff, :created, :id)",
+                {"now": now, "aging": self.aging, "eff": row["eff"], "created": row["created"], "id": row["id"]},
+            ).fetchall()
+        return [json.loads(r["payload"]) for r in rows]
+
     def cancel(self, job_id: str) -> Job | None:
         with self.transaction() as db:
             job = self._get(db, job_id)

@@ -71,6 +71,7 @@ class Worker:
         self._thread: threading.Thread | None = None
         self.current_job: str | None = None
         self.seconds_per_job: float | None = None  # moving average of measured run times
+        self.seconds_per_step: dict[str, float] = {}  # per model: moving average, whole run / steps
         self.alive = False
         self.ready = False  # alive and the default model loaded
 
@@ -97,6 +98,11 @@ class Worker:
     def wake(self) -> None:
         with self._cond:
             self._cond.notify_all()
+
+    def estimate(self, model: str, steps: int) -> float | None:
+        """Seconds a run of ``model`` with ``steps`` steps takes here, from measured runs; None if unmeasured."""
+        per_step = self.seconds_per_step.get(model)
+        return None if per_step is None else per_step * steps
 
     # --- sync tier ---------------------------------------------------------------------------------
 
@@ -240,6 +246,9 @@ class Worker:
             first = first or data
         took = time.perf_counter() - started
         self.seconds_per_job = took if self.seconds_per_job is None else 0.8 * self.seconds_per_job + 0.2 * took
+        per_step = took / max(1, result.steps)
+        previous = self.seconds_per_step.get(result.model)
+        self.seconds_per_step[result.model] = per_step if previous is None else 0.8 * previous + 0.2 * per_step
         return Stored(result=result, assets=assets, media_type=media_type, first_bytes=first)
 
 
