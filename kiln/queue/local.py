@@ -128,35 +128,30 @@ class SqliteBroker(SqliteStore):
             return self._get(self._db, job_id)
 
     def position(self, job_id: str) -> int | None:
-        now = self.clock()
         with self._lock:
-            row = self._db.execute(
-                f"SELECT {EFFECTIVE_RANK} AS eff, created, id FROM jobs WHERE id = :id AND status = 'queued'",
-                {"id": job_id, "now": now, "aging": self.aging},
-            ).fetchone()
-            if row is None:
-                return None
-            (ahead,) = self._db.execute(
-                f"SELECT COUNT(*) FROM jobs WHERE status = 'queued' AND ({EFFECTIVE_RANK}, created, id) < (:eff, :created, :id)",
-                {"now": now, "aging": self.aging, "eff": row["eff"], "created": row["created"], "id": row["id"]},
-            ).fetchone()
-        return ahead + 1
+            ahead = self._queued_ahead(job_id, "COUNT(*)", "<")
+        return None if ahead is None else ahead[0][0] + 1
 
     def queued_through(self, job_id: str) -> list[dict[str, Any]]:
         """Payloads of the queued jobs claimed before ``job_id``, and its own, in claim order (for ETAs)."""
-        now = self.clock()
         with self._lock:
-            row = self._db.execute(
-                f"SELECT {EFFECTIVE_RANK} AS eff, created, id FROM jobs WHERE id = :id AND status = 'queued'",
-                {"id": job_id, "now": now, "aging": self.aging},
-            ).fetchone()
-            if row is None:
-                return []
-            rows = self._db.execute(
-                f"SELECT payload FROM jobs WHERE status = 'queued' AND ({EFFECTIVE_RANK}, created, id) <= (:eff, :created, :id)",
-                {"now": now, "aging": self.aging, "eff": row["eff"], "created": row["created"], "id": row["id"]},
-            ).fetchall()
-        return [json.loads(r["payload"]) for r in rows]
+            rows = self._queued_ahead(job_id, "payload", "<=")
+        return [json.loads(r["payload"]) for r in rows or []]
+
+    def _queued_ahead(self, job_id: str, select: str, compare: str) -> list[sqlite3.Row] | None:
+        """``select`` over the queued jobs whose claim order is ``compare`` that of ``job_id``; None
+        if ``job_id`` is not queued. The caller holds the lock."""
+        params = {"id": job_id, "now": self.clock(), "aging": self.aging}
+        row = self._db.execute(
+            f"SELECT {EFFECTIVE_RANK} AS eff, created, id FROM jobs WHERE id = :id AND status = 'queued'", params
+        ).fetchone()
+        if row is None:
+            return None
+        return self._db.execute(
+            f"SELECT {select} FROM jobs WHERE status = 'queued'"
+            f" AND ({EFFECTIVE_RANK}, created, id) {compare} (:eff, :created, :job)",
+            {**params, "eff": row["eff"], "created": row["created"], "job": row["id"]},
+        ).fetchall()
 
     def cancel(self, job_id: str) -> Job | None:
         with self.transaction() as db:
