@@ -19,7 +19,7 @@ from kiln.keys import KeyStore
 from kiln.maintenance import Janitor
 from kiln.queue import SqliteBroker
 from kiln.settings import Settings
-from kiln.storage import LocalAssetStore
+from kiln.storage import LocalAssetStore, WriteBehindStore
 from kiln.webhooks import DEFAULT_SCHEDULE, GIVE_UP_AFTER, Dispatcher, Outbox
 from kiln.worker import Worker
 
@@ -56,6 +56,7 @@ class Runtime:
         self.worker.stop()  # finishes or hands back the job in hand
         self.dispatcher.stop(timeout=10)  # pending deliveries resume from the outbox at next start
         self.janitor.stop()
+        self.services.store.close()  # the sync outputs still being written land before exit
 
 
 def build_runtime(
@@ -69,7 +70,7 @@ def build_runtime(
     catalog = engine.catalog if engine is not None else load_catalog(settings.catalog)
     engine = engine or Engine(catalog)
     broker = SqliteBroker(settings.database, aging_seconds=settings.aging_s)
-    store = LocalAssetStore(settings.assets_dir)
+    store = WriteBehindStore(LocalAssetStore(settings.assets_dir))  # sync outputs land after the response
     keys = KeyStore(settings.database)
     outbox = Outbox(settings.database, schedule=webhook_schedule)
     worker = worker or Worker(engine, broker, store, preload=(catalog.default_model,))

@@ -133,6 +133,18 @@ class AssetStore(ABC):
         media_type = validate_media_type(kind, media_type)
         return self._put(kind, asset_name(data, media_type), data)
 
+    def put_soon(self, data: bytes, kind: Kind, media_type: str) -> Asset:
+        """Like :meth:`put`, for a caller that need not wait until the asset is durable.
+
+        The returned asset is readable at once either way. Stores that can defer the write
+        (:class:`~kiln.storage.write_behind.WriteBehindStore`) return before it lands; this default
+        is :meth:`put` itself.
+        """
+        return self.put(data, kind, media_type)
+
+    def close(self) -> None:
+        """Release what the store holds (writer threads, connections); finishes pending writes."""
+
     def stat(self, kind: Kind, name: str) -> Asset | None:
         """The record of a stored asset, or ``None`` if there is none; reads no content."""
         validate_name(kind, name)

@@ -185,7 +185,8 @@ class Worker:
 
     def _run_sync_item(self, item: SyncTicket) -> None:
         try:
-            stored = self._generate(item.request, on_step=item.on_step, cancel=item.cancel, previews=item.previews)
+            stored = self._generate(item.request, on_step=item.on_step, cancel=item.cancel, previews=item.previews,
+                                    durable=False)
             if not item.done.done():
                 item.done.set_result(stored)
         except BaseException as exc:  # handed to the waiting request, which maps it to HTTP
@@ -235,14 +236,18 @@ class Worker:
             except Exception:  # a notification problem must never stop the worker
                 log.exception("terminal-state hook failed for job %s", job.id)
 
-    def _generate(self, request: GenerationRequest, *, on_step=None, cancel=None, previews: bool = False) -> Stored:
+    def _generate(self, request: GenerationRequest, *, on_step=None, cancel=None, previews: bool = False,
+                  durable: bool = True) -> Stored:
+        """Run, encode and store. ``durable=False`` (sync requests: the client gets the bytes in the
+        response) lets the store write after answering; a job's output is durable before it completes."""
         started = time.perf_counter()
         result = self.engine.generate(request, on_step=on_step, cancel=cancel, previews=previews)
         assets, first = [], b""
         media_type = "application/octet-stream"
         for output in result.outputs:
             data, media_type, kind = _encode(output)
-            assets.append(self.store.put(data, kind, media_type))
+            put = self.store.put if durable else self.store.put_soon
+            assets.append(put(data, kind, media_type))
             first = first or data
         took = time.perf_counter() - started
         self.seconds_per_job = took if self.seconds_per_job is None else 0.8 * self.seconds_per_job + 0.2 * took
