@@ -4,7 +4,7 @@ Usage::
 
     python bench/overhead.py            # full run, ~2-3 minutes on 2 cores, writes bench/results/
     python bench/overhead.py --quick    # sanity run (~45 s), prints only unless --write
-    python bench/overhead.py --profile  # where the time goes, and what-if variants (~1.5 min), writes
+    python bench/overhead.py --profile  # where the time goes, stage by stage (~1 min), writes
 
 Setup: toy checkpoints (``kiln.testing.toys.build_toys``, cached in ``--toys``) and the toy catalog
 with the small formats (``write_toy_catalog(..., small_formats=True)``); model ``flux/toy`` (the
@@ -65,7 +65,7 @@ Overhead definitions (all at the median, one run, arms interleaved so machine no
   differences are the HTTP layer under contention. **overhead per generation = wall / requests,
   http - worker**: what the server adds to each generation's slot on the one worker (the throughput
   it costs; at saturation each request's latency carries ~8 of these). Split into the serial part
-  outside the pipeline, ``(wall - sum of pipeline ms) / requests``, and the slowdown of the pipeline
+  outside the work, ``(wall - sum of generate + encode ms) / requests``, and the slowdown of the pipeline
   itself (the server's Python work competing with the denoising loop for the GIL and the cores).
   Per-request latency (median, p90, difference) and throughput are reported too.
 
@@ -85,15 +85,10 @@ by wrapping functions at run time (nothing outside bench/ is edited) and prints 
 spent in each stage at concurrency 1: client send + uvicorn receive, middleware + routing + body
 validation, auth and the key lookup, ``build_request`` and its threadpool hop to ``engine.plan``,
 ``spend_credit``, the threadpool hop to ``run_sync``, the Condition hand-off, generate, encode,
-``store.put``, the future back to the route, the response, the client's receive; and (2) what-if
-variants, each switched on in the server through the control socket and measured in short shuffled
-blocks as latency minus (generate + encode): the rate-limit middleware as pure ASGI instead of
-BaseHTTPMiddleware, planning inline instead of in the threadpool, awaiting the worker's future on the
-event loop instead of blocking a threadpool thread, the asset write without its two fsyncs, and no
-SQLite job poll by the worker after each sync item. Single variants move the median by less than
-the block-to-block noise (~0.5 ms) on these VMs; ``all`` is the reliable number. Run the bench with
-httptools + uvloop importable (what ``uvicorn[standard]`` installs; ``kiln serve`` then uses them) to
-see what they change: results get a ``-httptools-uvloop`` suffix.
+``put_soon``, the future back to the route, the response, the client's receive. (The what-if
+variants of the first profile, 20261121, have all landed or been superseded and were removed.) Without
+httptools + uvloop importable (they are kiln dependencies; uvicorn picks them up) uvicorn falls back to
+h11 and asyncio: results then get an ``-h11`` suffix.
 """
 
 from __future__ import annotations
@@ -134,9 +129,8 @@ FORMATS = ("toy-64", "512")
 # Per format: (c=1 trials, c=8 rounds, requests per caller per c=8 block); --quick divides.
 PLAN = {"toy-64": (150, 8, 4), "512": (40, 6, 2)}
 QUICK_PLAN = {"toy-64": (50, 3, 3), "512": (12, 2, 1)}
-# --profile: requests for the stage table, and (rounds, requests per block) for the what-if variants
+# --profile: requests for the stage table
 PROFILE_STAGE_REQUESTS = {"toy-64": 200, "512": 60}
-PROFILE_VARIANT_PLAN = {"toy-64": (12, 8), "512": (6, 6)}  # short blocks, many rounds: less drift
 
 
 # --------------------------------------------------------------------------- helpers
@@ -198,9 +192,12 @@ class InProcess:
 
         t0 = time.perf_counter()
         result = self.engine.generate(self.request(fmt, seed))
+        t1 = time.perf_counter()
         data = [_encode(o)[0] for o in result.outputs]
-        ms = (time.perf_counter() - t0) * 1e3
-        info = {"pipeline_ms": result.elapsed_ms, "bytes": len(data[0])}
+        t2 = time.perf_counter()
+        ms = (t2 - t0) * 1e3
+        info = {"pipeline_ms": result.elapsed_ms, "bytes": len(data[0]), "work_ms": (t2 - t0) * 1e3,
+                "generate_ms": (t1 - t0) * 1e3, "encode_ms": (t2 - t1) * 1e3}
         if want_data:
             info["data"] = data[0]
         return ms, info
@@ -209,14 +206,15 @@ class InProcess:
         t0 = time.perf_counter()
         stored = self.worker.run_sync(self.request(fmt, seed), wait_s=WAIT_S, retry_after=5)
         ms = (time.perf_counter() - t0) * 1e3
-        return ms, {"pipeline_ms": stored.result.elapsed_ms, "bytes": len(stored.first_bytes)}
+        return ms, {"pipeline_ms": stored.result.elapsed_ms, "bytes": len(stored.first_bytes),
+                    "work_ms": stored.generate_ms + stored.encode_ms}
 
     def block(self, fmt: str, seeds: list[list[int]]) -> dict:
         """len(seeds) threads calling run_sync back to back, one seed list each."""
         its = [iter(row) for row in seeds]
         return _block([(lambda it=it: self.worker_once(fmt, next(it))) for it in its], len(seeds[0]))
 
-    def serve(self, conn, marks: Marks | None = None, variants: Variants | None = None) -> None:
+    def serve(self, conn, marks: Marks | None = None) -> None:
         """Answer the bench process's commands until it hangs up (runs on a thread of the server process)."""
 
         def marks_on() -> None:
@@ -229,7 +227,7 @@ class InProcess:
 
         ops = {"engine": self.engine_once, "worker": self.worker_once, "block": self.block,
                "store": lambda nbytes, reps: time_store(self.store, nbytes, reps),
-               "marks_on": marks_on, "marks_off": marks_off, "variant": lambda names: variants.set(names)}
+               "marks_on": marks_on, "marks_off": marks_off}
         while True:
             try:
                 op, kw = conn.recv()
@@ -264,7 +262,7 @@ def child_main(control: str, steps: int, kiln_argv: list[str]) -> int:
 
         def accept() -> None:
             with listener, listener.accept() as conn:
-                InProcess(runtime.worker, steps).serve(conn, held.get("marks"), held.get("variants"))
+                InProcess(runtime.worker, steps).serve(conn, held.get("marks"))
             # The bench process hung up. It stops this server itself (SIGINT, then hangs up); if it died
             # instead, stop anyway rather than linger as an orphan.
             time.sleep(10)
@@ -275,7 +273,7 @@ def child_main(control: str, steps: int, kiln_argv: list[str]) -> int:
 
     def instrumented_app(services, **kw):
         app = create_app(services, **kw)
-        held["marks"], held["variants"], wrapped = instrument(app, held["runtime"])
+        held["marks"], wrapped = instrument(app, held["runtime"])
         return wrapped
 
     server_mod.build_runtime = capture
@@ -316,9 +314,6 @@ class Remote:
 
     def marks_off(self) -> list[tuple[float, str]]:
         return self._call("marks_off")
-
-    def variant(self, names: list[str]) -> None:
-        self._call("variant", names=names)
 
     def close(self) -> None:
         self.conn.close()
@@ -385,37 +380,123 @@ class Server:
 
 
 class HttpCaller:
-    """One keep-alive connection (one httpx.Client), as one HTTP caller."""
+    """One keep-alive connection, as one HTTP caller.
 
-    def __init__(self, base: str, key: str, steps: int) -> None:
-        import httpx
+    The client is the measuring instrument, not the server, and its own CPU time lands inside the
+    http arm's latency (it is reported as *client CPU*). On this VM httpx spends ~1.5 ms per request
+    and ``http.client`` ~0.6 ms (its header parsing goes through ``email.parser``); ``raw`` (the
+    default) is a minimal HTTP/1.1 client on a socket, the way load generators such as wrk measure a
+    server: the request's bytes are built once per call and sent in one ``sendall``, and the reply is
+    read by ``Content-Length``, ~0.1 ms. ``--client stdlib`` or ``--client httpx`` measure what users of
+    those clients see.
+    """
 
-        self.client = httpx.Client(base_url=base, headers={"Authorization": f"Bearer {key}"}, timeout=WAIT_S + 60)
-        self.steps = steps
+    def __init__(self, base: str, key: str, steps: int, client: str = "raw") -> None:
+        from urllib.parse import urlsplit
+
+        self.kind, self.steps = client, steps
+        self.auth = f"Bearer {key}"
+        u = urlsplit(base)
+        self.host, self.port = u.hostname, u.port
+        self.sock = None
+        if client == "httpx":
+            import httpx
+
+            self.client = httpx.Client(base_url=base, headers={"Authorization": self.auth}, timeout=WAIT_S + 60)
+        elif client == "stdlib":
+            import http.client
+
+            self.conn = http.client.HTTPConnection(self.host, self.port, timeout=WAIT_S + 60)
+
+    def _request(self, method: str, path: str, body: dict | None) -> tuple[int, dict[str, str], bytes]:
+        data = None if body is None else json.dumps(body).encode()
+        headers = {} if body is None else {"Authorization": self.auth, "Content-Type": "application/json"}
+        if self.kind == "httpx":
+            r = self.client.request(method, path, content=data, headers=headers)
+            return r.status_code, {k.lower(): v for k, v in r.headers.items()}, r.content
+        for attempt in (0, 1):  # one retry on a fresh connection: uvicorn drops idle ones after 5 s
+            try:
+                if self.kind == "stdlib":
+                    return self._stdlib(method, path, data, headers)
+                return self._raw(method, path, data, headers)
+            except (BrokenPipeError, ConnectionResetError, ConnectionAbortedError, EOFError):
+                self.close()
+                if attempt:
+                    raise
+        raise AssertionError("unreachable")
+
+    def _stdlib(self, method, path, data, headers):
+        import http.client
+
+        try:
+            self.conn.request(method, path, body=data, headers=headers)  # bytes: one send()
+            r = self.conn.getresponse()
+        except http.client.RemoteDisconnected as exc:
+            raise ConnectionResetError(str(exc)) from exc
+        content = r.read()
+        return r.status, {k.lower(): v for k, v in r.getheaders()}, content
+
+    def _raw(self, method, path, data, headers):
+        import socket
+
+        if self.sock is None:
+            self.sock = socket.create_connection((self.host, self.port), timeout=WAIT_S + 60)
+            self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            self.buf = b""
+        lines = [f"{method} {path} HTTP/1.1", f"Host: {self.host}:{self.port}"]
+        lines += [f"{k}: {v}" for k, v in headers.items()]
+        if data is not None:
+            lines.append(f"Content-Length: {len(data)}")
+        self.sock.sendall(("\r\n".join(lines) + "\r\n\r\n").encode() + (data or b""))
+        buf = self.buf
+        while (end := buf.find(b"\r\n\r\n")) < 0:
+            chunk = self.sock.recv(262144)
+            if not chunk:
+                raise EOFError("server closed the connection")
+            buf += chunk
+        head = buf[:end].decode("latin-1").split("\r\n")
+        status = int(head[0].split(" ", 2)[1])
+        hdrs = {k.strip().lower(): v.strip() for k, _, v in (line.partition(":") for line in head[1:])}
+        need = end + 4 + int(hdrs.get("content-length", "0"))
+        while len(buf) < need:
+            chunk = self.sock.recv(max(262144, need - len(buf)))
+            if not chunk:
+                raise EOFError("server closed the connection")
+            buf += chunk
+        self.buf = buf[need:]
+        return status, hdrs, buf[end + 4:need]
 
     def once(self, fmt: str, seed: int) -> tuple[float, dict]:
         c0 = time.thread_time()
         t0 = time.perf_counter()
-        r = self.client.post(f"/image/{FAMILY}/{MODEL}/{TASK}", params={"format": fmt},
-                             json={"prompt": PROMPT, "steps": self.steps, "seed": seed})
+        status, headers, content = self._request("POST", f"/image/{FAMILY}/{MODEL}/{TASK}?format={fmt}",
+                                                 {"prompt": PROMPT, "steps": self.steps, "seed": seed})
         ms = (time.perf_counter() - t0) * 1e3
         cpu = (time.thread_time() - c0) * 1e3
-        if r.status_code != 200 or r.headers.get("content-type") != "image/webp":
-            raise RuntimeError(f"POST answered {r.status_code} {r.headers.get('content-type')}: {r.text[:300]}")
-        return ms, {"pipeline_ms": int(r.headers["x-generation-time"]), "bytes": len(r.content),
-                    "client_cpu_ms": cpu, "data": r.content}
+        if status != 200 or headers.get("content-type") != "image/webp":
+            raise RuntimeError(f"POST answered {status} {headers.get('content-type')}: {content[:300]!r}")
+        timing = dict(part.strip().split(";dur=") for part in headers["server-timing"].split(","))
+        return ms, {"pipeline_ms": int(headers["x-generation-time"]), "bytes": len(content),
+                    "work_ms": float(timing["generate"]) + float(timing["encode"]),
+                    "client_cpu_ms": cpu, "data": content}
 
     def healthz(self) -> tuple[float, dict]:
         c0 = time.thread_time()
         t0 = time.perf_counter()
-        r = self.client.get("/healthz")
+        status, _, _ = self._request("GET", "/healthz", None)
         ms = (time.perf_counter() - t0) * 1e3
-        if r.status_code != 200:
-            raise RuntimeError(f"/healthz answered {r.status_code}")
+        if status != 200:
+            raise RuntimeError(f"/healthz answered {status}")
         return ms, {"client_cpu_ms": (time.thread_time() - c0) * 1e3}
 
     def close(self) -> None:
-        self.client.close()
+        if self.kind == "httpx":
+            self.client.close()
+        elif self.kind == "stdlib":
+            self.conn.close()
+        elif self.sock is not None:
+            self.sock.close()
+            self.sock = None
 
 
 # --------------------------------------------------------------------------- measuring
@@ -429,7 +510,8 @@ def run_c1(fmt: str, trials: int, inproc: Remote, http: HttpCaller, seeds: Seeds
         "http": lambda: http.once(fmt, seeds.next()),
         "healthz": http.healthz,
     }
-    raw: dict[str, dict[str, list]] = {a: {"ms": [], "pipeline_ms": [], "client_cpu_ms": [], "bytes": []} for a in arms}
+    raw: dict[str, dict[str, list]] = {
+        a: {"ms": [], "pipeline_ms": [], "work_ms": [], "client_cpu_ms": [], "bytes": []} for a in arms}
     for _ in range(trials):
         order = list(arms)
         rng.shuffle(order)
@@ -437,7 +519,7 @@ def run_c1(fmt: str, trials: int, inproc: Remote, http: HttpCaller, seeds: Seeds
             ms, info = arms[arm]()
             rec = raw[arm]
             rec["ms"].append(round(ms, 3))
-            for k in ("pipeline_ms", "client_cpu_ms", "bytes"):
+            for k in ("pipeline_ms", "work_ms", "client_cpu_ms", "bytes"):
                 if k in info:
                     rec[k].append(round(info[k], 3) if isinstance(info[k], float) else info[k])
     return {a: {k: v for k, v in rec.items() if v} for a, rec in raw.items()}
@@ -449,6 +531,7 @@ def _block(fns: list, per_caller: int) -> dict:
     barrier = threading.Barrier(n + 1)
     lat: list[list[float]] = [[] for _ in range(n)]
     pipe: list[list[int]] = [[] for _ in range(n)]
+    work: list[list[float]] = [[] for _ in range(n)]
     spans: list[list[tuple[float, float]]] = [[] for _ in range(n)]
     errors: list[BaseException] = []
 
@@ -461,6 +544,7 @@ def _block(fns: list, per_caller: int) -> dict:
                 t1 = time.perf_counter()
                 lat[i].append((t1 - t0) * 1e3)
                 pipe[i].append(info["pipeline_ms"])
+                work[i].append(round(info["work_ms"], 3))
                 spans[i].append((t0, t1))
         except BaseException as exc:  # noqa: BLE001 - reported after the block
             errors.append(exc)
@@ -476,6 +560,7 @@ def _block(fns: list, per_caller: int) -> dict:
     start = min(s[0][0] for s in spans)
     end = max(s[-1][1] for s in spans)
     return {"ms": [round(x, 3) for row in lat for x in row], "pipeline_ms": [x for row in pipe for x in row],
+            "work_ms": [x for row in work for x in row],
             "wall_s": round(end - start, 4), "n": n * per_caller}
 
 
@@ -522,7 +607,7 @@ def analyse_c1(raw: dict) -> dict:
     p90 = {a: pct(r["ms"], 0.9) for a, r in raw.items()}
     paired = lambda a, b: [x - y for x, y in zip(raw[a]["ms"], raw[b]["ms"])]  # noqa: E731
     gen_arms = ("engine", "worker", "http")
-    outside = {a: [m - p for m, p in zip(raw[a]["ms"], raw[a]["pipeline_ms"])] for a in gen_arms}
+    outside = {a: [m - w for m, w in zip(raw[a]["ms"], raw[a]["work_ms"])] for a in gen_arms}
     out_med = {a: statistics.median(v) for a, v in outside.items()}
     res = {
         "stats": {a: stats(r["ms"]) for a, r in raw.items()},
@@ -558,8 +643,8 @@ def analyse_c8(raw: dict) -> dict:
     med = {a: statistics.median(v) for a, v in lat.items()}
     pg = {a: statistics.median(v) for a, v in per_gen.items()}
     pipe = {a: [x for b in blocks for x in b["pipeline_ms"]] for a, blocks in raw.items()}
-    # serial time per generation outside the denoising loop: (block wall - sum of pipeline times) / requests
-    out_gen = {a: [(b["wall_s"] * 1e3 - sum(b["pipeline_ms"])) / b["n"] for b in blocks] for a, blocks in raw.items()}
+    # serial time per generation outside generate + encode: (block wall - sum of their times) / requests
+    out_gen = {a: [(b["wall_s"] * 1e3 - sum(b["work_ms"])) / b["n"] for b in blocks] for a, blocks in raw.items()}
     og = {a: statistics.median(v) for a, v in out_gen.items()}
     return {
         "pipeline_ms_median": {a: statistics.median(v) for a, v in pipe.items()},
@@ -601,23 +686,25 @@ def render_md(result: dict, args) -> str:
         f"{' --same-seed' if args.same_seed else ''}` - model `{FAMILY}/{MODEL}` (toy FLUX.1, random weights), "
         f"{TASK}, {cfg['steps']} steps, default sampler, "
         f"{'one fixed seed ' + str(cfg['seed']) if args.same_seed else 'seeds ' + str(cfg['seed']) + '+n (a new one per request)'}; "
-        "server = `kiln serve` (uvicorn, auth on) in its own process, client = httpx in the bench process. "
+        f"server = `kiln serve` (uvicorn, auth on) in its own process, client = {cfg.get('client', 'httpx')} "
+        "in the bench process (one keep-alive connection per caller). "
         "Shared, noisy VM: medians and ratios from one run.",
         "",
         "Arms: **engine** = `GenerationRequest.create` + `Engine.generate` + the worker's WebP encode, in process; "
         "**worker** = `Worker.run_sync` in process (engine + encode + hand-off to the worker thread + "
-        "`LocalAssetStore.put` with fsync); **http** = `POST /image/flux/toy/t2i?format=F` to the server (auth, "
-        "validation, the same worker path, response). Every arm encodes, so differences exclude encoding. "
+        "`WriteBehindStore.put_soon`, the store as the server has it); **http** = `POST /image/flux/toy/t2i?format=F` "
+        "to the server (auth, validation, the same worker path, response). "
         "**healthz** = `GET /healthz`, the HTTP round-trip floor.",
         "",
         "## Concurrency 1",
         "",
-        "Each trial runs every arm once, in shuffled order. *pipeline* = the engine's own `elapsed_ms` for the "
-        "request (the denoising loop + VAE decode; the server sends it as `X-Generation-Time`, whole ms); "
-        "*outside* = latency - pipeline, per request. **Overhead = median outside(http) - median outside(engine)**: "
-        "what the server adds (HTTP, auth, validation, hand-off, storage; encoding is in both arms), with the "
-        "pipeline's own speed taken out, because that speed differs by up to ~10% between threads and processes "
-        "on this VM for reasons the server does not cause (see the pipeline medians below). "
+        "Each trial runs every arm once, in shuffled order. *work* = the request's own `Engine.generate` call + "
+        "encode time (timed around those calls in the engine arm; the worker's `Stored.generate_ms` + "
+        "`encode_ms`; the server's `Server-Timing` header in the http arm); *outside* = latency - work, per "
+        "request. **Overhead = median outside(http) - median outside(engine)**: what the server adds (HTTP, "
+        "auth, validation, hand-off, storage), excluding encoding as the target says, and with the pipeline's "
+        "own speed taken out, because that speed differs by up to ~10% between threads and processes on this "
+        "VM for reasons the server does not cause (see the pipeline medians below). "
         f"Target <= {TARGET_MS:g} ms. HTTP layer = http - worker, hand-off + storage = worker - engine (outside medians).",
         "",
         "| format | n | outside engine / worker / http ms | http outside p90 | **overhead** | HTTP layer "
@@ -636,8 +723,9 @@ def render_md(result: dict, args) -> str:
         "",
         "End to end (whole latency, pipeline included; the difference of medians mixes the overhead with the "
         "pipeline-speed difference shown in the next column). healthz = `GET /healthz` round trip; client CPU = "
-        "httpx's thread time per request (the client's share of the http arm); store.put = `LocalAssetStore.put` "
-        "alone on unique bytes of the output's size.",
+        "the client's thread time per request (its share of the http arm); store.put = the server store's durable "
+        "`put` (what an async job pays; a sync request only hands the write over) alone on unique bytes of the "
+        "output's size.",
         "",
         "| format | engine / worker / http ms (p90) | http - engine | paired | http/engine | pipeline engine / worker "
         "/ server ms | healthz ms | client CPU http / healthz | store.put ms (p90) |",
@@ -665,13 +753,13 @@ def render_md(result: dict, args) -> str:
         "worker thread, so the differences are the HTTP layer under contention. **Overhead at c=8 = wall time "
         "per generation (block wall / requests), http - worker**: how much the server lowers throughput, i.e. "
         "what it adds to each generation's slot on the one worker (at saturation ~8 of these are in every "
-        "request's latency). Split into the serial part outside the pipeline ((wall - sum of the requests' "
-        "pipeline ms) / requests) and the slowdown of the pipeline itself (the server's Python work competes "
-        "with the denoising loop for the GIL and the 2 cores).",
+        "request's latency). Split into the serial part outside the work ((wall - sum of the requests' "
+        "generate + encode ms) / requests) and the slowdown of the pipeline itself (the server's Python work "
+        "competes with the denoising loop for the GIL and the 2 cores).",
         "",
         "| format | requests http + worker | latency worker / http ms (p90) | latency diff | throughput worker "
         "/ http /s | ratio | ms per generation worker / http | **overhead per generation** | of which outside "
-        "the pipeline | of which pipeline slowdown (pipeline worker / server) |",
+        "the work | of which pipeline slowdown (pipeline worker / server) |",
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for fmt, r in fmts.items():
@@ -699,7 +787,7 @@ def verdict(formats: dict) -> str:
         parts.append(f"{fmt}: {a['outside_overhead_ms']:+.2f} ms at c=1 (HTTP layer {a['outside_http_layer_ms']:+.2f}, "
                      f"hand-off + storage {a['outside_handoff_storage_ms']:+.2f}; end to end {a['overhead_ms']:+.2f}), "
                      f"{c8['per_generation_overhead_ms']:+.2f} ms per generation at c=8 ("
-                     f"{c8['outside_per_generation_overhead_ms']:+.2f} outside the pipeline; latency "
+                     f"{c8['outside_per_generation_overhead_ms']:+.2f} outside the work; latency "
                      f"{c8['latency_overhead_ms']:+.2f} ms, throughput x{c8['throughput_ratio']:.3f})")
     ok = all(r["c1"]["within_target"] for r in formats.values())
     return (f"Verdict: the median overhead at concurrency 1 is {'within' if ok else 'OVER'} the {TARGET_MS:g} ms "
@@ -741,129 +829,13 @@ class Marks:
         setattr(obj, attr, wrapped)
 
 
-class RateHeaders:
-    """Pure-ASGI stand-in for the app's ``@app.middleware("http")`` (BaseHTTPMiddleware): same headers."""
-
-    def __init__(self, app) -> None:
-        self.app = app
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-
-        async def send_with_rate(message):
-            if message["type"] == "http.response.start":
-                rate = scope.get("state", {}).get("rate")
-                if rate is not None:
-                    message["headers"] = [*message.get("headers", []),
-                                          (b"x-ratelimit-limit", str(rate.limit).encode()),
-                                          (b"x-ratelimit-remaining", str(rate.remaining).encode()),
-                                          (b"x-ratelimit-reset", str(rate.reset_s).encode())]
-            await send(message)
-
-        await self.app(scope, receive, send_with_rate)
-
-
-class Variants:
-    """What-if switches for --profile, applied to this process's server by patching (no file is edited).
-
-    ``asgi-mw``: the rate-header middleware as pure ASGI instead of BaseHTTPMiddleware.
-    ``inline-plan``: ``build_request`` runs the planner inline instead of in the threadpool.
-    ``async-handoff``: the route awaits the worker's future on the event loop (asyncio.wrap_future)
-    instead of blocking a threadpool thread in ``run_sync``.
-    ``no-fsync``: ``LocalAssetStore`` writes atomically without the two fsyncs (what deferring them saves).
-    ``skip-claim``: the worker does not poll SQLite for async jobs after each sync item.
-    """
-
-    NAMES = ("asgi-mw", "inline-plan", "async-handoff", "no-fsync", "skip-claim")
-
-    def __init__(self, app, worker) -> None:
-        import kiln.api.requests as req_mod
-        import kiln.api.routes.generate as gen_mod
-        import kiln.storage.local as local_mod
-        from kiln.worker.runner import _SyncItem
-
-        self.app, self.worker = app, worker
-        self.req_mod, self.gen_mod, self.local_mod = req_mod, gen_mod, local_mod
-        self.orig = {"mw": list(app.user_middleware), "req_tp": req_mod.run_in_threadpool,
-                     "gen_tp": gen_mod.run_in_threadpool, "write": local_mod._write_atomically,
-                     "claim": worker.broker.claim}
-        orig_gen_tp = self.orig["gen_tp"]
-
-        async def inline(fn, *a, **k):
-            return fn(*a, **k)
-
-        async def handoff(fn, *a, **k):
-            if getattr(fn, "__name__", "") not in ("run_sync", "wrapped"):
-                return await orig_gen_tp(fn, *a, **k)
-            import asyncio
-
-            item = _SyncItem(a[0])
-            with worker._cond:
-                worker._sync.append(item)
-                worker._cond.notify_all()
-            return await asyncio.wrap_future(item.future)
-
-        def write_no_fsync(path, data):
-            folder = path.parent
-            folder.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{path.name}.", suffix=".tmp")
-            with os.fdopen(fd, "wb") as f:
-                os.fchmod(f.fileno(), 0o644)
-                f.write(data)
-                f.flush()
-                st = os.fstat(f.fileno())
-            os.replace(tmp, path)
-            return st
-
-        self.inline, self.handoff, self.write_no_fsync = inline, handoff, write_no_fsync
-
-    def set(self, names) -> None:
-        from starlette.middleware import Middleware
-        from starlette.middleware.base import BaseHTTPMiddleware
-
-        mw = self.orig["mw"]
-        if "asgi-mw" in names:
-            mw = [Middleware(RateHeaders) if m.cls is BaseHTTPMiddleware else m for m in mw]
-        self.app.user_middleware = mw
-        self.app.middleware_stack = None  # rebuilt on the next request
-        self.req_mod.run_in_threadpool = self.inline if "inline-plan" in names else self.orig["req_tp"]
-        self.gen_mod.run_in_threadpool = self.handoff if "async-handoff" in names else self.orig["gen_tp"]
-        self.local_mod._write_atomically = self.write_no_fsync if "no-fsync" in names else self.orig["write"]
-        self.worker.broker.claim = (lambda worker_id: None) if "skip-claim" in names else self.orig["claim"]
-
-
 def _span(events: list[tuple[float, str]], name: str) -> float:
     t = {n: ts for ts, n in events}
     return (t[name + "<"] - t[name + ">"]) * 1e3
 
 
-def run_variants(remote: Remote, caller: HttpCaller, fmt: str, seeds: Seeds, rounds: int, per_block: int,
-                 rng: random.Random) -> dict[str, dict[str, list[float]]]:
-    """Latency and latency minus (engine.generate + encode), per variant, in shuffled blocks."""
-    configs = {"as is": []}
-    configs.update({n: [n] for n in Variants.NAMES})
-    configs["all"] = list(Variants.NAMES)
-    out: dict[str, dict[str, list[float]]] = {k: {"ms": [], "outside_ms": []} for k in configs}
-    for _ in range(rounds):
-        order = list(configs)
-        rng.shuffle(order)
-        for name in order:
-            remote.variant(configs[name])
-            caller.once(fmt, seeds.next())  # untimed: the middleware stack is rebuilt on this one
-            for _ in range(per_block):
-                remote.marks_on()
-                ms = caller.once(fmt, seeds.next())[0]
-                events = remote.marks_off()
-                inside = _span(events, "engine.generate") + _span(events, "encode")
-                out[name]["ms"].append(ms)
-                out[name]["outside_ms"].append(ms - inside)
-    remote.variant([])
-    return out
-
-
-def instrument(app: Any, runtime: Any) -> tuple[Marks, Variants, Any]:
-    """In the server process: stamp the sync route's stages; return the marks, the variants and the wrapped app."""
+def instrument(app: Any, runtime: Any) -> tuple[Marks, Any]:
+    """In the server process: stamp the sync route's stages; return the marks and the wrapped app."""
     import kiln.api.auth as auth_mod
     import kiln.api.routes.generate as gen_mod
     import kiln.worker.runner as runner_mod
@@ -877,13 +849,12 @@ def instrument(app: Any, runtime: Any) -> tuple[Marks, Variants, Any]:
     mark.wrap(gen_mod, "build_request", "build_request")
     mark.wrap(svc, "validate", "plan")
     mark.wrap(gen_mod, "spend_credit", "spend_credit")
-    mark.wrap(worker, "run_sync", "run_sync")
+    mark.wrap(gen_mod, "run_sync", "run_sync")
     mark.wrap(worker, "_generate", "worker._generate")
     mark.wrap(worker.engine, "generate", "engine.generate")
     mark.wrap(runner_mod, "_encode", "encode")
-    mark.wrap(worker.store, "put", "store.put")
+    mark.wrap(worker.store, "put_soon", "store.put_soon")
     mark.wrap(worker.broker, "claim", "broker.claim")
-    variants = Variants(app, worker)
 
     async def asgi(scope, receive, send):
         if scope["type"] != "http" or scope["path"] == "/healthz":
@@ -899,11 +870,11 @@ def instrument(app: Any, runtime: Any) -> tuple[Marks, Variants, Any]:
 
         await app(scope, receive, timed_send)
 
-    return mark, variants, asgi
+    return mark, asgi
 
 
 def profile(args, tmp: Path) -> int:
-    """Stage timings of the sync route in the ``kiln serve`` process, concurrency 1; what-if variants."""
+    """Stage timings of the sync route in the ``kiln serve`` process, concurrency 1."""
     from kiln.testing.catalog import write_toy_catalog
     from kiln.testing.toys import build_toys
 
@@ -913,7 +884,7 @@ def profile(args, tmp: Path) -> int:
     catalog_file = write_toy_catalog(toys, tmp / "catalog.toml", small_formats=True)
     server = Server(tmp / "server-data", catalog_file, tmp / "server.log", args.steps, profile=True)
     remote = server.remote
-    caller = HttpCaller(server.base, server.key, args.steps)
+    caller = HttpCaller(server.base, server.key, args.steps, args.client)
     seeds = Seeds(args.seed, args.same_seed)
     lines: list[str] = []
     raw: dict[str, Any] = {}
@@ -933,12 +904,9 @@ def profile(args, tmp: Path) -> int:
                 per_request.append(sorted([(t0, "client>"), (t1, "client<"), *remote.marks_off()]))
                 lat.append(ms)
             lines += _profile_table(fmt, per_request, lat)
-            rounds, per_block = (4, 6) if args.quick else PROFILE_VARIANT_PLAN.get(fmt, (6, 6))
-            res = run_variants(remote, caller, fmt, seeds, rounds, per_block, random.Random(args.seed))
             raw[fmt] = {"stage_events": [[(round((t - ev[0][0]) * 1e3, 4), n) for t, n in ev] for ev in per_request],
-                        "latency_ms": [round(x, 3) for x in lat], "variants": res}
-            lines += _variants_table(fmt, res, rounds, per_block)
-            print("\n".join(lines[-(len(res) + 6):]), file=sys.stderr)
+                        "latency_ms": [round(x, 3) for x in lat]}
+            print("\n".join(lines[-(len(STAGES) + 6):]), file=sys.stderr)
     finally:
         caller.close()
         server.close()
@@ -953,13 +921,13 @@ def profile(args, tmp: Path) -> int:
             f"Command: `python bench/overhead.py --profile{' --quick' if args.quick else ''}`. The server is `kiln serve` "
             "in its own process, as in the main bench, with the sync route's stages stamped there by wrapping "
             "functions at run time (nothing outside bench/ is edited; the wrappers add a few microseconds per stage); "
-            "the client (httpx) stamps `client>` / `client<` in the bench process (perf_counter is CLOCK_MONOTONIC, "
+            f"the client ({args.client}) stamps `client>` / `client<` in the bench process (perf_counter is CLOCK_MONOTONIC, "
             f"the same clock in both processes). Model `{FAMILY}/{MODEL}`, {args.steps} steps, a new seed per "
             "request, concurrency 1."]
     md = "\n".join(head + lines) + "\n"
     print(md)
     if (not args.quick or args.write) and not args.no_write:
-        tag = "-httptools-uvloop" if pk["httptools"] and pk["uvloop"] else ""
+        tag = "" if pk["httptools"] and pk["uvloop"] else "-h11"
         stem = f"overhead-{dt.date.today().strftime('%Y%m%d')}-profile{tag}" + ("-quick" if args.quick else "")
         out_dir = HERE / "results"
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -972,21 +940,21 @@ def profile(args, tmp: Path) -> int:
 
 # (label, start event, end event, spans subtracted): stages of one sync request, in order
 STAGES = (
-    ("client send + uvicorn receive/parse (h11)", "client>", "asgi>", ()),
+    ("client send + uvicorn receive/parse", "client>", "asgi>", ()),
     ("middleware + routing + body read/JSON + query/body validation", "asgi>", "route>", ("auth",)),
     ("  of which auth (key lookup in SQLite + rate limiter)", "auth>", "auth<", ()),
     ("    of which KeyStore.lookup", "keys.lookup>", "keys.lookup<", ()),
-    ("build_request: create + threadpool hop to engine.plan and back", "build_request>", "build_request<", ()),
+    ("build_request: create + engine.plan", "build_request>", "build_request<", ()),
     ("  of which engine.plan itself", "plan>", "plan<", ()),
-    ("spend_credit (KeyStore.spend: SQLite UPDATE)", "spend_credit>", "spend_credit<", ()),
-    ("threadpool hop to run_sync", "spend_credit<", "run_sync>", ()),
+    ("spend_credit (no SQLite write for an unlimited key)", "spend_credit>", "spend_credit<", ()),
+    ("spend_credit< .. run_sync>", "spend_credit<", "run_sync>", ()),
     ("hand-off to the worker thread (deque + Condition)", "run_sync>", "worker._generate>", ()),
     ("engine.generate (pipeline, plan again)", "engine.generate>", "engine.generate<", ()),
     ("encode (WebP)", "encode>", "encode<", ()),
-    ("store.put (hash, temp file, fsync, rename, dir fsync)", "store.put>", "store.put<", ()),
-    ("future back: worker -> threadpool thread -> event loop -> route returns", "worker._generate<", "route<", ()),
-    ("response: middleware, headers, h11 send", "route<", "asgi<", ()),
-    ("client receive/parse (httpx)", "asgi<", "client<", ()),
+    ("store.put_soon (hash; the write happens after)", "store.put_soon>", "store.put_soon<", ()),
+    ("future back: worker -> event loop -> route returns", "worker._generate<", "route<", ()),
+    ("response: middleware, headers, send", "route<", "asgi<", ()),
+    ("client receive/parse", "asgi<", "client<", ()),
 )
 
 
@@ -1014,19 +982,6 @@ def _profile_table(fmt: str, per_request: list[list[tuple[float, str]]], lat: li
     return lines
 
 
-def _variants_table(fmt: str, res: dict, rounds: int, per_block: int) -> list[str]:
-    base = statistics.median(res["as is"]["outside_ms"])
-    lines = ["", f"## {fmt}: what-if variants ({rounds} rounds x {per_block} requests each, shuffled blocks)", "",
-             "outside = client latency - (engine.generate + encode) per request: the overhead without the pipeline's "
-             "own noise. Each variant is patched in at run time; see the module docstring.", "",
-             "| variant | latency ms | outside ms (median) | outside p90 | saves ms |", "|---|---:|---:|---:|---:|"]
-    for name, v in res.items():
-        med = statistics.median(v["outside_ms"])
-        lines.append(f"| {name} | {statistics.median(v['ms']):.2f} | {med:.3f} | {pct(v['outside_ms'], 0.9):.2f} | "
-                     f"{base - med:+.3f} |")
-    return lines
-
-
 # --------------------------------------------------------------------------- main
 
 
@@ -1045,8 +1000,8 @@ def measure(args, tmp: Path) -> dict:
     print("starting kiln serve ...", file=sys.stderr)
     server = Server(tmp / "server-data", catalog_file, tmp / "server.log", args.steps)
     inproc = server.remote
-    http = HttpCaller(server.base, server.key, args.steps)
-    callers = [HttpCaller(server.base, server.key, args.steps) for _ in range(8)]
+    http = HttpCaller(server.base, server.key, args.steps, args.client)
+    callers = [HttpCaller(server.base, server.key, args.steps, args.client) for _ in range(8)]
     out: dict[str, Any] = {"formats": {}, "server_cmd": server.cmd}
     try:
         # The same generation: the server's bytes for one seed == engine + encode in process.
@@ -1112,6 +1067,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="where the toy checkpoints are built / reused (default KILN_TEST_TOYS, else ~/.cache/kiln/bench-toys)")
     ap.add_argument("--torch-threads", type=int, default=1,
                     help="torch/OpenMP threads in both processes (default 1: see the module docstring)")
+    ap.add_argument("--client", choices=("raw", "stdlib", "httpx"), default="raw",
+                    help="HTTP client of the http arm (default raw: a minimal socket client; see HttpCaller)")
     ap.add_argument("--profile", action="store_true",
                     help="time the sync route's stages with the server in process (prints only)")
     args = ap.parse_args(argv)
@@ -1137,7 +1094,7 @@ def main(argv: list[str] | None = None) -> int:
     res["config"] = {"family": FAMILY, "model": MODEL, "task": TASK, "prompt": PROMPT, "steps": args.steps,
                      "torch_threads": args.torch_threads,
                      "seed": args.seed, "same_seed": args.same_seed, "formats": args.formats,
-                     "sync_wait_s": WAIT_S, "target_ms": TARGET_MS}
+                     "sync_wait_s": WAIT_S, "target_ms": TARGET_MS, "client": args.client}
     res["machine"] = machine(
         extra={"bench_args": vars(args), "bench_wall_s": round(time.perf_counter() - t0, 1), "load_average_start": load_start},
         packages=("torch", "numpy", "pillow", "diffusers", "transformers", "fastapi", "starlette", "uvicorn", "h11",
@@ -1150,7 +1107,7 @@ def main(argv: list[str] | None = None) -> int:
         out_dir = HERE / "results"
         out_dir.mkdir(parents=True, exist_ok=True)
         pk = res["machine"]["packages"]
-        tag = "-httptools-uvloop" if pk.get("httptools") and pk.get("uvloop") else ""  # uvicorn picks them up
+        tag = "" if pk.get("httptools") and pk.get("uvloop") else "-h11"  # uvicorn picks them up when installed
         stem = f"overhead-{res['date']}{tag}" + ("-quick" if args.quick else "")
         (out_dir / f"{stem}.json").write_text(json.dumps(res, indent=1) + "\n", encoding="utf-8")
         (out_dir / f"{stem}.md").write_text(md, encoding="utf-8")

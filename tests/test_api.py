@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import base64
 import io
+import json
+import re
 
 import pytest
 from PIL import Image
@@ -29,6 +31,9 @@ def test_sync_image_returns_bytes_and_a_permanent_url(server):
     assert r.status_code == 200, r.text
     assert r.headers["content-type"] == "image/webp" and r.headers["x-seed"] == "42"
     assert int(r.headers["x-generation-time"]) >= 0
+    timing = dict(part.strip().split(";dur=") for part in r.headers["server-timing"].split(","))
+    assert set(timing) == {"generate", "encode", "store"} and all(float(v) >= 0 for v in timing.values())
+    assert float(timing["generate"]) >= int(r.headers["x-generation-time"]) - 1
     with Image.open(io.BytesIO(r.content)) as img:
         assert img.size == (96, 64)
     location = r.headers["content-location"]
@@ -147,6 +152,20 @@ def test_revoked_key_credits_and_rate(server):
     assert r.headers["x-ratelimit-remaining"] == "0"
 
 
+def test_credits_are_charged_only_to_metered_keys(server, monkeypatch):
+    keys = server.services.keys
+    metered = keys.create("metered", credits=2)
+    calls = []
+    real_spend = keys.spend
+    monkeypatch.setattr(keys, "spend", lambda key_id, amount=1: calls.append(key_id) or real_spend(key_id, amount))
+    body = {**PROMPT, "steps": 15}
+    assert server.client.post("/image/flux/dev/t2i?format=toy-64", json=body, headers=server.auth).status_code == 200
+    assert calls == []  # the unlimited key: no database write to charge it
+    hdr = {"Authorization": f"Bearer {metered.secret}"}
+    assert server.client.post("/image/flux/dev/t2i?format=toy-64", json=body, headers=hdr).status_code == 200
+    assert calls == [metered.record.id] and keys.get(metered.record.id).credits == 1
+
+
 def test_models_and_aliases(server):
     models = server.client.get("/models", headers=server.auth).json()["models"]
     schnell = next(m for m in models if m["model"] == "schnell")
@@ -164,6 +183,35 @@ def test_health_docs_and_unknown_routes(server):
     assert server.client.get("/openapi.json").status_code == 200
     r = server.client.get("/nope", headers=server.auth)
     assert r.status_code == 404 and r.json()["error"] == "not_found"
+
+
+def test_openapi_documents_the_sync_routes_and_every_reference_resolves(server):
+    doc = server.client.get("/openapi.json").json()
+    for path, media_type in (("/image/{family}/{model}/{task}", "image/webp"), ("/video/{family}/{model}/{task}", "video/mp4")):
+        op = doc["paths"][path]["post"]
+        assert [p["name"] for p in op["parameters"]] == ["family", "model", "task", "format"]
+        schema = op["requestBody"]["content"]["application/json"]["schema"]
+        assert {"prompt", "steps", "seed", "image", "loras"} <= set(schema["properties"])
+        assert media_type in op["responses"]["200"]["content"]
+    text = json.dumps(doc)
+    refs = set(re.findall(r'"\$ref": "#/components/schemas/([^"]+)"', text))
+    assert refs and refs <= set(doc["components"]["schemas"])
+
+
+@pytest.mark.parametrize(("body", "field"), [
+    (b"", "body"), (b"not json", "body"), (b"[]", "body"), (b'{"prompt": "a red circle", "steps": "x"}', "steps"),
+    (b'{"prompt": "a red circle", "colour": "red"}', "colour"),
+])
+def test_sync_bodies_that_are_not_a_generate_body(server, body, field):
+    r = server.client.post("/image/flux/dev/t2i?format=toy-64", content=body,
+                           headers={**server.auth, "content-type": "application/json"})
+    assert r.status_code == 400 and r.json()["error"] == "invalid_parameters"
+    assert r.json()["details"]["errors"][0]["field"] == field
+
+
+def test_sync_format_too_long(server):
+    r = server.client.post("/image/flux/dev/t2i?format=" + "x" * 33, json=PROMPT, headers=server.auth)
+    assert r.status_code == 400 and r.json()["error"] == "invalid_parameters" and "format" in r.json()["message"]
 
 
 # --- fakes for failure modes --------------------------------------------------------------------

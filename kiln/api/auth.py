@@ -42,5 +42,12 @@ def authenticate_token(svc, token: str, request: Request | None = None) -> KeyRe
 
 
 def spend_credit(request: Request, key: KeyRecord | None) -> None:
-    if key is not None and not services(request).keys.spend(key.id):
+    """Charge one generation to a metered key; 402 when its balance is spent."""
+    if key is not None and key.metered and not services(request).keys.spend(key.id):
         raise ApiError(402, "insufficient_credits", "this API key has no credits left")
+
+
+def refund_credit(svc, key: KeyRecord | None) -> None:
+    """Give back the credit of a generation that was charged but not made."""
+    if key is not None and key.metered:
+        svc.keys.refund(key.id)

@@ -52,6 +52,12 @@ class KeyRecord:
     def active(self, now: float) -> bool:
         return self.revoked is None and (self.expires is None or self.expires > now)
 
+    @property
+    def metered(self) -> bool:
+        """Whether requests under this key spend credits (a balance is set); unlimited keys never
+        touch the database to be charged."""
+        return self.credits is not None
+
 
 @dataclass(frozen=True)
 class NewKey:

@@ -33,6 +33,9 @@ class Stored:
     assets: list[Asset]
     media_type: str
     first_bytes: bytes  # the first output, as the sync tier returns it
+    generate_ms: float = 0.0  # Engine.generate as the worker called it (planning and the model lock included)
+    encode_ms: float = 0.0  # time spent encoding every output
+    store_ms: float = 0.0  # time spent handing every output to the store (``put`` or ``put_soon``)
 
 
 @dataclass
@@ -242,19 +245,26 @@ class Worker:
         response) lets the store write after answering; a job's output is durable before it completes."""
         started = time.perf_counter()
         result = self.engine.generate(request, on_step=on_step, cancel=cancel, previews=previews)
+        generated = time.perf_counter()
         assets, first = [], b""
         media_type = "application/octet-stream"
+        encode_s = store_s = 0.0
+        put = self.store.put if durable else self.store.put_soon
         for output in result.outputs:
+            t0 = time.perf_counter()
             data, media_type, kind = _encode(output)
-            put = self.store.put if durable else self.store.put_soon
+            t1 = time.perf_counter()
             assets.append(put(data, kind, media_type))
+            encode_s += t1 - t0
+            store_s += time.perf_counter() - t1
             first = first or data
         took = time.perf_counter() - started
         self.seconds_per_job = took if self.seconds_per_job is None else 0.8 * self.seconds_per_job + 0.2 * took
         per_step = took / max(1, result.steps)
         previous = self.seconds_per_step.get(result.model)
         self.seconds_per_step[result.model] = per_step if previous is None else 0.8 * previous + 0.2 * per_step
-        return Stored(result=result, assets=assets, media_type=media_type, first_bytes=first)
+        return Stored(result=result, assets=assets, media_type=media_type, first_bytes=first,
+                      generate_ms=(generated - started) * 1e3, encode_ms=encode_s * 1e3, store_ms=store_s * 1e3)
 
 
 def _encode(output: Output) -> tuple[bytes, str, str]:

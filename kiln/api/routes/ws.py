@@ -22,7 +22,7 @@ from typing import Any
 from fastapi import APIRouter, WebSocket, WebSocketDisconnect
 from pydantic import ValidationError
 
-from kiln.api.auth import authenticate_token
+from kiln.api.auth import authenticate_token, refund_credit
 from kiln.api.errors import ApiError
 from kiln.api.handoff import run_sync
 from kiln.api.jobs import absolute
@@ -154,9 +154,9 @@ async def _generate(ws, svc, key, gen_id, message, cancel, send, running) -> Non
         if spec.modality != body.modality:
             raise ApiError(400, "invalid_parameters", f"{spec.key} makes {spec.modality}s")
         canonical = await build_request(svc, body, spec, body.task, body.format)
-        if key is not None and not svc.keys.spend(key.id):
+        if key is not None and key.metered and not svc.keys.spend(key.id):
             raise ApiError(402, "insufficient_credits", "this API key has no credits left")
-        charged = key is not None
+        charged = True
 
         def on_step(event) -> None:
             if stream and event.preview is not None:
@@ -177,11 +177,11 @@ async def _generate(ws, svc, key, gen_id, message, cancel, send, running) -> Non
         await _send_error(send, gen_id, "invalid_parameters", describe_validation_error(exc))
     except KilnError as exc:
         if charged:
-            svc.keys.refund(key.id)
+            refund_credit(svc, key)
         await _send_error(send, gen_id, exc.code, exc.message, getattr(exc, "retry_after", None))
     except Exception:  # noqa: BLE001 - never a stack trace to the client
         if charged:
-            svc.keys.refund(key.id)
+            refund_credit(svc, key)
         await _send_error(send, gen_id, "internal_error", "internal server error")
     finally:
         running.pop(gen_id, None)
