@@ -73,7 +73,7 @@ def build_runtime(
     store = WriteBehindStore(LocalAssetStore(settings.assets_dir))  # sync outputs land after the response
     keys = KeyStore(settings.database)
     outbox = Outbox(settings.database, schedule=webhook_schedule)
-    worker = worker or Worker(engine, broker, store, preload=(catalog.default_model,))
+    worker = worker or Worker(engine, broker, store, preload=(catalog.default_model,), warmup=settings.warmup)
     services = Services(
         settings=settings, catalog=catalog, broker=broker, store=store, keys=keys, worker=worker,
         validate=engine.plan, outbox=outbox,

@@ -41,6 +41,7 @@ class Settings(BaseModel):
     allow_private_fetch: bool = Field(default=False, description="let image URLs point at private addresses")
     prompt_filter_file: Path | None = Field(default=None, description="regular expressions, one per line; a match is 403")
     upload_ttl_s: float = Field(default=24 * 3600.0, gt=0.0, description="uploads are deleted after this long")
+    warmup: bool = Field(default=True, description="run the default model once at start, before /readyz says ready")
 
     @field_validator("public_url")
     @classmethod

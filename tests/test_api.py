@@ -6,6 +6,7 @@ import base64
 import io
 import json
 import re
+import time
 
 import pytest
 from PIL import Image
@@ -179,7 +180,10 @@ def test_models_and_aliases(server):
 
 def test_health_docs_and_unknown_routes(server):
     assert server.client.get("/healthz").json() == {"status": "ok"}
-    assert server.client.get("/readyz").status_code == 200
+    deadline = time.monotonic() + 60  # the worker warms the default model up before it says ready
+    while (ready := server.client.get("/readyz")).status_code != 200 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert ready.status_code == 200
     assert server.client.get("/openapi.json").status_code == 200
     r = server.client.get("/nope", headers=server.auth)
     assert r.status_code == 404 and r.json()["error"] == "not_found"
@@ -677,6 +681,31 @@ def test_sigterm_hands_a_long_job_back_to_the_queue(tmp_path, engine):
     assert broker.get(job.id).status is JobStatus.QUEUED
 
 
+@pytest.mark.parametrize("warmup", [True, False])
+def test_warm_up_measures_the_default_model_before_ready(tmp_path, engine, warmup):
+    from kiln.queue import SqliteBroker
+    from kiln.storage import LocalAssetStore
+    from kiln.worker import Worker
+
+    default = engine.catalog.default_model
+    worker = Worker(engine, SqliteBroker(tmp_path / "jobs.db"), LocalAssetStore(tmp_path / "assets"),
+                    preload=(default,), warmup=warmup)
+    worker.start()
+    try:
+        deadline = time.monotonic() + 60
+        while not worker.alive and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert worker.alive and worker.ready
+        estimate = worker.estimate(default, 10, 1.0)
+        if warmup:  # measured: positive, and linear in steps and megapixels
+            assert estimate > 0 and worker.estimate(default, 20, 0.5) == pytest.approx(estimate)
+        else:
+            assert estimate is None and worker.seconds_per_job is None
+        assert worker.estimate("flux/schnell", 10, 1.0) is None  # never ran here
+    finally:
+        worker.stop()
+
+
 def test_a_real_worker_busy_with_a_job_answers_sync_with_503(tmp_path, engine):
     with running_server(tmp_path, engine, sync_wait_s=0.05) as srv:
         job = srv.client.post("/queue", json=queue_body(steps=50, format="512"), headers=srv.auth).json()
@@ -691,10 +720,10 @@ def test_a_real_worker_busy_with_a_job_answers_sync_with_503(tmp_path, engine):
 
 
 class MeasuredBusyWorker(BusyWorker):
-    """Busy, with measured step times: flux/dev takes 0.5 s a step here, other models unmeasured."""
+    """Busy, with measured step times: flux/dev takes 0.5 s a step per toy-64 image, other models unmeasured."""
 
-    def estimate(self, model, steps):
-        return 0.5 * steps if model == "flux/dev" else None
+    def estimate(self, model, steps, megapixels):
+        return 0.5 * steps * megapixels / (64 * 64 / 1e6) if model == "flux/dev" else None
 
 
 def test_queued_eta_sums_measured_step_times_of_the_jobs_ahead(tmp_path, engine):
@@ -704,3 +733,6 @@ def test_queued_eta_sums_measured_step_times_of_the_jobs_ahead(tmp_path, engine)
         other = srv.client.post("/queue", json=queue_body(model="schnell"), headers=srv.auth).json()
         assert (first["eta_seconds"], second["eta_seconds"]) == (10, 30)
         assert other["eta_seconds"] == 34  # 10 + 20 + schnell unmeasured: the average job time (4 s)
+        # toy-96x64 has 1.5 times the pixels of toy-64: 20 steps take 15 s instead of 10
+        bigger = srv.client.post("/queue", json=queue_body(steps=20, format="toy-96x64"), headers=srv.auth).json()
+        assert bigger["eta_seconds"] == 34 + 15

@@ -11,6 +11,7 @@ from kiln.api.services import Services
 from kiln.errors import KilnError
 from kiln.keys import KeyRecord
 from kiln.queue import Job, JobStatus
+from kiln.worker.runner import work_units
 
 
 def iso(ts: float | None) -> str | None:
@@ -65,8 +66,9 @@ def job_json(svc: Services, job: Job) -> dict[str, Any]:
 
 
 def _queued_eta(svc: Services, job: Job, position: int) -> int | None:
-    """The measured time of every job ahead and this one: steps x seconds per step for its model
-    (falling back to the average job time for a model not run yet); None until something has run."""
+    """The measured time of every job ahead and this one: its steps x megapixels of output at the
+    seconds per unit measured for its model (the worker's warm-up measures the default model at
+    start; a model not run yet counts the average job time); None until something has run."""
     estimate = getattr(svc.worker, "estimate", None)
     fallback = svc.worker.seconds_per_job
     payloads = svc.broker.queued_through(job.id) if hasattr(svc.broker, "queued_through") else []
@@ -74,12 +76,10 @@ def _queued_eta(svc: Services, job: Job, position: int) -> int | None:
         return None if fallback is None else round(position * fallback)
     total = 0.0
     for payload in payloads:
-        request = payload.get("request", {})
         guess = None
         try:
-            spec = svc.catalog.resolve(request.get("family", ""), request.get("model", ""))
-            guess = estimate(spec.key, request.get("steps") or spec.steps.default)
-        except KilnError:
+            guess = _estimate(svc, estimate, payload.get("request", {}))
+        except (KilnError, TypeError, ValueError):
             pass
         if guess is None:
             guess = fallback
@@ -87,6 +87,17 @@ def _queued_eta(svc: Services, job: Job, position: int) -> int | None:
             return None
         total += guess
     return round(total)
+
+
+def _estimate(svc: Services, estimate, request: dict) -> float | None:
+    spec = svc.catalog.resolve(request.get("family", ""), request.get("model", ""))
+    width, height = svc.catalog.size_of(spec, request.get("format") or spec.formats[0])
+    frames = None
+    if spec.video is not None:
+        duration = request.get("duration") or spec.video.duration.min
+        frames = max(1, round(duration * spec.video.fps)) + 1
+    megapixels = work_units(1, width, height, frames, request.get("num_outputs") or 1)
+    return estimate(spec.key, request.get("steps") or spec.steps.default, megapixels)
 
 
 def _running_eta(job: Job) -> int | None:

@@ -61,10 +61,12 @@ def capacity_exhausted(retry_after: int) -> CapacityExhausted:
 
 class Worker:
     def __init__(
-        self, engine: Engine, broker: Broker, store: AssetStore, *, worker_id: str = "local", preload: tuple[str, ...] = ()
+        self, engine: Engine, broker: Broker, store: AssetStore, *, worker_id: str = "local", preload: tuple[str, ...] = (),
+        warmup: bool = True,
     ) -> None:
         self.engine, self.broker, self.store, self.worker_id = engine, broker, store, worker_id
         self.preload = preload  # model keys loaded before the worker reports alive (ready)
+        self.warmup = warmup  # run each preloaded model once (smallest format, fewest steps) before ready
         # Called with each job that reached a terminal state here (webhooks); must not block.
         self.on_terminal: Callable[[Job], None] | None = None
         self._job_cancel: threading.Event | None = None
@@ -74,7 +76,10 @@ class Worker:
         self._thread: threading.Thread | None = None
         self.current_job: str | None = None
         self.seconds_per_job: float | None = None  # moving average of measured run times
-        self.seconds_per_step: dict[str, float] = {}  # per model: moving average, whole run / steps
+        # per model: moving average of seconds per work unit (one step over one megapixel of output,
+        # every frame and output counted): time scales with both, so one measurement at one size
+        # estimates another
+        self.seconds_per_unit: dict[str, float] = {}
         self.alive = False
         self.ready = False  # alive and the default model loaded
 
@@ -102,10 +107,11 @@ class Worker:
         with self._cond:
             self._cond.notify_all()
 
-    def estimate(self, model: str, steps: int) -> float | None:
-        """Seconds a run of ``model`` with ``steps`` steps takes here, from measured runs; None if unmeasured."""
-        per_step = self.seconds_per_step.get(model)
-        return None if per_step is None else per_step * steps
+    def estimate(self, model: str, steps: int, megapixels: float) -> float | None:
+        """Seconds a run of ``model`` takes here for ``steps`` steps over ``megapixels`` of output (every
+        frame and output counted), from measured runs; None if the model has not run here yet."""
+        per_unit = self.seconds_per_unit.get(model)
+        return None if per_unit is None else per_unit * steps * megapixels
 
     # --- sync tier ---------------------------------------------------------------------------------
 
@@ -148,8 +154,11 @@ class Worker:
     def _loop(self) -> None:
         self.ready = True
         for key in self.preload:
+            spec = self.engine.catalog.models[key]
             try:
-                self.engine.load(self.engine.catalog.models[key])
+                self.engine.load(spec)
+                if self.warmup:
+                    self._warm_up(spec)
             except KilnError as exc:
                 self.ready = False  # /readyz says so; requests for other models still run
                 log.warning("could not preload %s: %s", key, exc.message)
@@ -185,6 +194,30 @@ class Worker:
             if not self._sync and not self._stopping:
                 self._cond.wait(timeout=0.5)
         return True
+
+    def _warm_up(self, spec) -> None:
+        """One small generation: the first real request does not pay one-time costs (kernel selection,
+        lazy initialisation), and queued jobs get an ETA before anything else has run."""
+        catalog = self.engine.catalog
+        task = "t2v" if "t2v" in spec.pipelines else "t2i"
+        if task not in spec.pipelines:
+            return
+        smallest = min(spec.formats, key=lambda f: catalog.size_of(spec, f)[0] * catalog.size_of(spec, f)[1])
+        request = GenerationRequest.create(
+            family=spec.family, model=spec.model, task=task, format=smallest, prompt="a warm-up run",
+            steps=spec.steps.min, seed=0, duration=spec.video.duration.min if spec.video else None,
+        )
+        started = time.perf_counter()
+        result = self.engine.generate(request)
+        self._measure(result, time.perf_counter() - started)
+        log.info("%s warmed up in %.2f s", spec.key, time.perf_counter() - started)
+
+    def _measure(self, result: GenerationResult, took: float) -> None:
+        self.seconds_per_job = took if self.seconds_per_job is None else 0.8 * self.seconds_per_job + 0.2 * took
+        per_unit = took / max(1e-9, work_units(result.steps, result.width, result.height,
+                                                result.num_frames, len(result.outputs)))
+        previous = self.seconds_per_unit.get(result.model)
+        self.seconds_per_unit[result.model] = per_unit if previous is None else 0.8 * previous + 0.2 * per_unit
 
     def _run_sync_item(self, item: SyncTicket) -> None:
         try:
@@ -258,13 +291,14 @@ class Worker:
             encode_s += t1 - t0
             store_s += time.perf_counter() - t1
             first = first or data
-        took = time.perf_counter() - started
-        self.seconds_per_job = took if self.seconds_per_job is None else 0.8 * self.seconds_per_job + 0.2 * took
-        per_step = took / max(1, result.steps)
-        previous = self.seconds_per_step.get(result.model)
-        self.seconds_per_step[result.model] = per_step if previous is None else 0.8 * previous + 0.2 * per_step
+        self._measure(result, time.perf_counter() - started)
         return Stored(result=result, assets=assets, media_type=media_type, first_bytes=first,
                       generate_ms=(generated - started) * 1e3, encode_ms=encode_s * 1e3, store_ms=store_s * 1e3)
+
+
+def work_units(steps: int, width: int, height: int, num_frames: int | None = None, outputs: int = 1) -> float:
+    """What a run costs, in steps x megapixels of output (frames and outputs counted)."""
+    return steps * width * height / 1e6 * (num_frames or 1) * max(1, outputs)
 
 
 def _encode(output: Output) -> tuple[bytes, str, str]:
