@@ -224,13 +224,15 @@ def _train_bpe(
     return vocab, merges
 
 
-def clip_tokenizer():
-    """CLIP byte-level BPE (``</w>`` word suffix, lower-cased), as ``CLIPTokenizer`` with model_max_length 77."""
+def clip_tokenizer(corpus: Iterable[str] | None = None, *, vocab_size: int = 1024, model_max_length: int = 77):
+    """CLIP byte-level BPE (``</w>`` word suffix, lower-cased), as ``CLIPTokenizer``, learned on ``corpus``
+    (default: the toy captions)."""
     from tokenizers import Regex, normalizers, pre_tokenizers
     from transformers import CLIPTokenizer
 
     vocab, merges = _train_bpe(
-        _corpus(),
+        _corpus() if corpus is None else list(corpus),
+        vocab_size=vocab_size,
         normalizer=normalizers.Sequence(
             [normalizers.NFC(), normalizers.Replace(Regex(r"\s+"), " "), normalizers.Lowercase()]
         ),
@@ -243,11 +245,13 @@ def clip_tokenizer():
         suffix="</w>",
         tail=["<|startoftext|>", "<|endoftext|>"],  # last ids, as in the real vocabulary (49406, 49407)
     )
-    return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=77)
+    return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=model_max_length)
 
 
-def t5_tokenizer(*, model_max_length: int = 512, extra_ids: int = 100):
-    """T5/UMT5-style Unigram tokenizer (``<pad>``=0, ``</s>``=1, ``<unk>``=2, sentinels last), as ``T5Tokenizer``."""
+def t5_tokenizer(corpus: Iterable[str] | None = None, *, model_max_length: int = 512, extra_ids: int = 100,
+                 vocab_size: int = 1024):
+    """T5/UMT5-style Unigram tokenizer (``<pad>``=0, ``</s>``=1, ``<unk>``=2, sentinels last), as ``T5Tokenizer``,
+    learned on ``corpus`` (default: the toy captions)."""
     from tokenizers import Tokenizer, pre_tokenizers, trainers
     from tokenizers.models import Unigram
     from transformers import T5Tokenizer
@@ -258,9 +262,9 @@ def t5_tokenizer(*, model_max_length: int = 512, extra_ids: int = 100):
         [pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always")]
     )
     trainer = trainers.UnigramTrainer(
-        vocab_size=1024, special_tokens=specials, unk_token="<unk>", max_piece_length=16, show_progress=False
+        vocab_size=vocab_size, special_tokens=specials, unk_token="<unk>", max_piece_length=16, show_progress=False
     )
-    tok.train_from_iterator(_corpus(), trainer)
+    tok.train_from_iterator(_corpus() if corpus is None else list(corpus), trainer)
     # The trainer's piece order and the tiny score offsets it gives "required" characters follow hash-map order;
     # rounding the scores and sorting makes the vocabulary identical from run to run.
     trained = [(str(p), round(float(s), 2)) for p, s in json.loads(tok.to_str())["model"]["vocab"]]
