@@ -95,7 +95,7 @@ def test_generate_with_a_model_not_installed_exits_3_naming_pull(hub_cache, caps
 def test_models_lists_availability_and_says_random_weights(hub_cache, catalog_file, capsys):
     assert main(["models"]) == 0
     out = capsys.readouterr().out
-    assert "not installed: kiln pull flux/dev" in out and "flux/toy (default)" in out
+    assert "not installed: kiln pull flux/dev" in out and "flux/mini (default)" in out
     assert main(["--catalog", str(catalog_file), "models"]) == 0
     assert "RANDOM WEIGHTS" in capsys.readouterr().out
 

@@ -35,6 +35,12 @@ def toy_catalog_dict(toys_dir: Path, *, small_formats: bool = False) -> dict:
             raw["formats"][modality].update(table)
     for entry in raw["models"]:
         key = f"{entry['family']}/{entry['model']}"
+        if key not in TOY_FOR_MODEL:  # ships with Kiln (flux/mini): its own small, real weights
+            entry["source"] = str((DEFAULT_CATALOG.parent / entry["source"]).resolve())
+            if small_formats:  # its sizes are multiples of 64 (VAE 32 x packing 2)
+                small = SMALL_FORMATS[entry["modality"]]
+                entry["formats"] = list(entry["formats"]) + [f for f, (w, h) in small.items() if w % 64 == h % 64 == 0]
+            continue
         entry["source"] = str((Path(toys_dir) / TOY_FOR_MODEL[key]).resolve())
         entry.pop("toy", None)
         entry["random_weights"] = True

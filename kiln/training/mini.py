@@ -1,0 +1,538 @@
+"""Train ``flux/mini``: the FLUX.1 architecture at a few million parameters, on the synthetic world.
+
+Usage::
+
+    python -m kiln.training.mini --out kiln/weights/flux-mini      # ~50 min on 2 CPU cores
+    python -m kiln.training.mini --out /tmp/mini --scale 0.1         # a quick smoke run
+
+Everything is seeded (``--seed``); stages write into ``--work`` so that a later stage can be re-run
+alone (``--from-stage``). The result is a diffusers ``FluxPipeline`` directory (weights stored in
+float16, loaded as float32 on a CPU) plus ``lora/pastel`` (a LoRA trained on the same world drawn in
+pastel colours) and ``kiln_mini.json`` (what it was trained on, how long it took, parameter counts).
+
+Choices, and why:
+
+- **VAE**: diffusers' ``AutoencoderKL`` with six levels, so ``vae_scale_factor`` is 32 (FLUX's is 8):
+  a 512x512 image is a 16x16x8 latent and 64 transformer tokens after FluxPipeline's 2x2 packing,
+  which keeps training and CPU inference cheap. The world is flat colours with sharp edges, which a
+  coarse latent carries well. It is trained on 128x128 crops of full-size renders (it is convolutional,
+  so crops at the real scale teach what full images need, at a sixteenth of the cost) with an L1 + L2
+  loss and a tiny KL term, starting from a narrow posterior; ``shift_factor`` / ``scaling_factor``
+  standardise its latents afterwards. Its GroupNorms have one group: with a group per channel, a
+  region of one flat colour normalises to zero and its colour is lost (measured: the loss stalls).
+  It is narrow (8 channels at every level) and shallow (``layers_per_block=0``: the encoder is
+  strided convolutions then the mid block; the decoder one resnet per level): measured against the
+  usual layout (two resnets per level, wider), it is four times cheaper per step and learns faster,
+  which is what matters with minutes of CPU; the images are rendered once and cropped at random.
+- **Text side**: small CLIP and T5 encoders with tokenizers learned from the caption corpus, trained
+  jointly with the transformer through the diffusion loss. A packaged sentence encoder would need a
+  non-transformers class behind FluxPipeline's ``text_encoder`` slots (no longer loadable by plain
+  ``FluxPipeline.from_pretrained``) and brings tens of megabytes for a vocabulary of fifty words; the
+  joint encoders keep the checkpoint a standard FLUX.1 one and learn exactly the binding of colours,
+  shapes, counts and positions the world needs.
+- **Transformer**: ``FluxTransformer2DModel`` (2 double + 4 single blocks, width 128, no guidance
+  embedding, like schnell), rectified flow (target = noise - data), timesteps from a logit-normal
+  mixed with uniform, 10% empty captions (so classifier-free guidance is possible), and an EMA of the
+  weights. It trains on several token grids at once (512x512 and every other image format of the
+  render API), so that 1024x1024 and the wide formats look like 512x512, not like noise: FLUX's
+  rotary positions are absolute, and a model that never saw row 15 does not know what to do there.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import logging
+import random
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from kiln.training import world
+
+log = logging.getLogger("kiln.training.mini")
+
+MAX_TOKENS = 32  # caption tokens, CLIP and T5 alike (the catalog's max_sequence_length)
+LATENT_CHANNELS = 8
+VAE_FACTOR = 32
+
+# (width, height) of the token grids the transformer trains on, with their share of the batches and
+# the batch size that keeps every batch about the same cost.
+BUCKETS: dict[tuple[int, int], tuple[float, int]] = {
+    (512, 512): (0.55, 32),
+    (1024, 1024): (0.15, 8),
+    (768, 1024): (0.075, 11),
+    (1024, 768): (0.075, 11),
+    (576, 1024): (0.075, 14),
+    (1024, 576): (0.075, 14),
+}
+
+
+@dataclass
+class Plan:
+    """How much of everything; ``scale`` shrinks it all for a smoke run."""
+
+    vae_steps: int = 6000
+    vae_batch: int = 8
+    vae_full_steps: int = 700
+    images: dict[tuple[int, int], int] | None = None  # scenes rendered per size
+    transformer_steps: int = 3600
+    lora_images: int = 600
+    lora_steps: int = 400
+
+    @classmethod
+    def scaled(cls, scale: float) -> Plan:
+        base = {(512, 512): 3000, (1024, 1024): 300, (768, 1024): 130, (1024, 768): 130,
+                (576, 1024): 150, (1024, 576): 150}
+        return cls(
+            vae_steps=max(5, round(6000 * scale)),
+            vae_full_steps=max(3, round(700 * scale)),
+            images={k: max(8, round(v * scale)) for k, v in base.items()},
+            transformer_steps=max(5, round(3600 * scale)),
+            lora_images=max(8, round(600 * scale)),
+            lora_steps=max(5, round(400 * scale)),
+        )
+
+
+# --- components ------------------------------------------------------------------------------------
+
+
+def corpus(seed: int, n: int = 20000) -> list[str]:
+    """Captions of training scenes: what the tokenizers are learned from."""
+    rng = random.Random(seed)
+    return [world.caption(world.sample_scene(rng), rng) for _ in range(n)] + [world.prompt(world.sample_scene(rng)) for _ in range(2000)]
+
+
+def tokenizers(seed: int):
+    """CLIP byte-level BPE learned on the corpus (1024 entries: every word of the world is one token)
+    and a T5 Unigram tokenizer whose pieces are the corpus's words (characters as a fallback), so a
+    caption is about as many tokens as words: the longest caption fits ``MAX_TOKENS`` in both."""
+    from kiln.testing.toys import clip_tokenizer
+
+    texts = corpus(seed)
+    return clip_tokenizer(texts, vocab_size=1024, model_max_length=MAX_TOKENS), t5_word_tokenizer(texts)
+
+
+def t5_word_tokenizer(texts: list[str]):
+    import re
+
+    from transformers import T5Tokenizer
+
+    words = sorted({w for t in texts for w in re.findall(r"\w+", t.lower())})
+    chars = sorted(set("".join(texts).lower()) - {" "})
+    pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0)]
+    pieces += [("\u2581" + w, -1.0) for w in words] + [("\u2581", -6.0)] + [(c, -8.0) for c in chars]
+    return T5Tokenizer(vocab=pieces, extra_ids=0, model_max_length=MAX_TOKENS)
+
+
+def build_vae():
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(
+        in_channels=3, out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 6, up_block_types=("UpDecoderBlock2D",) * 6,
+        block_out_channels=(8,) * 6, layers_per_block=0, latent_channels=LATENT_CHANNELS,
+        norm_num_groups=1, sample_size=512, act_fn="silu", mid_block_add_attention=False,
+        use_quant_conv=False, use_post_quant_conv=False, scaling_factor=1.0, shift_factor=0.0,
+    )
+
+
+def build_text(clip_tok, t5_tok):
+    from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
+
+    clip = CLIPTextModel(CLIPTextConfig(
+        vocab_size=len(clip_tok), hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=2,
+        max_position_embeddings=MAX_TOKENS, projection_dim=64, hidden_act="quick_gelu",
+        bos_token_id=clip_tok.bos_token_id, eos_token_id=clip_tok.eos_token_id, pad_token_id=clip_tok.pad_token_id,
+    ))
+    t5 = T5EncoderModel(T5Config(
+        vocab_size=len(t5_tok), d_model=128, d_kv=32, d_ff=256, num_layers=2, num_heads=4,
+        relative_attention_num_buckets=16, relative_attention_max_distance=32, feed_forward_proj="gated-gelu",
+        tie_word_embeddings=False, is_encoder_decoder=False, use_cache=False, dropout_rate=0.0,
+        pad_token_id=t5_tok.pad_token_id, eos_token_id=t5_tok.eos_token_id, decoder_start_token_id=t5_tok.pad_token_id,
+    ))
+    return clip, t5
+
+
+def build_transformer():
+    from diffusers import FluxTransformer2DModel
+
+    return FluxTransformer2DModel(
+        patch_size=1, in_channels=LATENT_CHANNELS * 4, num_layers=2, num_single_layers=4,
+        attention_head_dim=32, num_attention_heads=4, joint_attention_dim=128, pooled_projection_dim=64,
+        guidance_embeds=False, axes_dims_rope=(8, 12, 12),
+    )
+
+
+def build_scheduler():
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    return FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=2.0, use_dynamic_shifting=False)
+
+
+def params(module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+# --- stage 1: the VAE -------------------------------------------------------------------------------
+
+
+def render_dataset(sizes: dict[tuple[int, int], int], seed: int, *, pastel: bool = False) -> dict:
+    """Per size: the rendered images (N, H, W, 3 uint8) and their scenes. Rendered once: the VAE
+    trains on crops of them and the transformer on their latents."""
+    rng = random.Random(seed)
+    out = {}
+    for (w, h), n in sizes.items():
+        scenes = [world.sample_scene(rng) for _ in range(n)]
+        out[(w, h)] = (np.stack([np.asarray(world.render(sc, w, h, pastel=pastel)) for sc in scenes]), scenes)
+        log.info("rendered %d scenes at %dx%d%s", n, w, h, " (pastel)" if pastel else "")
+    return out
+
+
+def _vae_crop(rng: random.Random, pools: list[dict], crop: int = 128) -> np.ndarray:
+    pool = pools[0] if len(pools) == 1 or rng.random() < 0.9 else rng.choice(pools[1:])
+    sizes = list(pool)
+    w, h = rng.choices(sizes, weights=[BUCKETS.get(s, (1.0, 0))[0] for s in sizes])[0]
+    images, scenes = pool[(w, h)]
+    i = rng.randrange(len(scenes))
+    img, scene = images[i], scenes[i]
+    if rng.random() < 0.7:  # mostly around a shape: edges are what the VAE must learn
+        cx, cy = rng.choice(rng.choice(scene.groups).centres)
+        x = int(cx * w + rng.uniform(-0.6, 0.6) * crop) - crop // 2
+        y = int(cy * h + rng.uniform(-0.6, 0.6) * crop) - crop // 2
+    else:
+        x, y = rng.randrange(w - crop + 1), rng.randrange(h - crop + 1)
+    x, y = min(max(0, x), w - crop), min(max(0, y), h - crop)
+    return img[y:y + crop, x:x + crop]
+
+
+def to_tensor(images: list[np.ndarray]) -> torch.Tensor:
+    return torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+
+
+def train_vae(vae, pools: list[dict], plan: Plan, seed: int) -> dict:
+    """Random 128x128 crops (mostly around a shape), many small steps at a high learning rate."""
+    rng = random.Random(seed + 1)
+    torch.manual_seed(seed + 1)
+    with torch.no_grad():  # start with a narrow posterior (std 0.05): the decoder sees usable latents at once
+        vae.encoder.conv_out.bias[LATENT_CHANNELS:] = -6.0
+    opt = torch.optim.AdamW(vae.parameters(), lr=3e-3, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=3e-3, total_steps=plan.vae_steps, pct_start=0.03)
+    batches = (to_tensor([_vae_crop(rng, pools) for _ in range(plan.vae_batch)]) for _ in range(plan.vae_steps))
+    return _fit_vae(vae, batches, opt, sched, plan.vae_steps, "vae (crops)")
+
+
+def finetune_vae(vae, pools: list[dict], plan: Plan, seed: int) -> dict:
+    """Whole images, at every size: GroupNorm's statistics are the whole image's at inference, and a
+    decoder that only saw crops draws their frames into full pictures (measured: it does)."""
+    rng = random.Random(seed + 6)
+    torch.manual_seed(seed + 6)
+    opt = torch.optim.AdamW(vae.parameters(), lr=5e-4, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, plan.vae_full_steps)
+
+    def whole() -> torch.Tensor:
+        pool = pools[0] if len(pools) == 1 or rng.random() < 0.9 else rng.choice(pools[1:])
+        sizes = list(pool)
+        size = rng.choices(sizes, weights=[BUCKETS.get(sz, (1.0, 0))[0] for sz in sizes])[0]
+        images, _ = pool[size]
+        return to_tensor([images[rng.randrange(len(images))] for _ in range(2 if size == (512, 512) else 1)])
+
+    batches = (whole() for _ in range(plan.vae_full_steps))
+    return _fit_vae(vae, batches, opt, sched, plan.vae_full_steps, "vae (whole images)")
+
+
+def _fit_vae(vae, batches, opt, sched, steps: int, label: str) -> dict:
+    """L1 + L2 reconstruction and a tiny KL term, one batch per step; returns the final mean loss."""
+    vae.train()
+    losses = []
+    for step, x in enumerate(batches):
+        post = vae.encode(x).latent_dist
+        y = vae.decode(post.sample()).sample
+        loss = (y - x).abs().mean() + 0.5 * F.mse_loss(y, x) + 1e-6 * post.kl().mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        losses.append(loss.item())
+        if step % 250 == 0 or step == steps - 1:
+            log.info("%s %d/%d loss %.4f", label, step, steps, float(np.mean(losses[-250:])))
+    vae.eval()
+    return {"final_loss": float(np.mean(losses[-100:]))}
+
+
+@torch.no_grad()
+def standardise(vae, images: np.ndarray) -> tuple[float, float]:
+    """shift and scale that make the latents of (some) 512x512 renders zero-mean, unit-variance."""
+    z = torch.cat([vae.encode(to_tensor(list(images[i:i + 8]))).latent_dist.mean for i in range(0, len(images), 8)])
+    mean, std = z.mean().item(), z.std().item()
+    return mean, 1.0 / std
+
+
+# --- stage 2: the latent dataset --------------------------------------------------------------------
+
+
+@torch.no_grad()
+def encode_dataset(vae, rendered: dict) -> dict:
+    """Per size: standardised latents (N, C, h, w) and their scenes."""
+    cfg = vae.config
+    out = {}
+    for (w, h), (images, scenes) in rendered.items():
+        batch = max(1, 8 * 512 * 512 // (w * h))
+        lat = [(vae.encode(to_tensor(list(images[i:i + batch]))).latent_dist.mean - cfg.shift_factor) * cfg.scaling_factor
+               for i in range(0, len(images), batch)]
+        out[(w, h)] = (torch.cat(lat), scenes)
+        log.info("encoded %d scenes at %dx%d", len(scenes), w, h)
+    return out
+
+
+# --- stage 3: transformer and text encoders ---------------------------------------------------------
+
+
+class Conditioner:
+    """Captions -> (T5 hidden states, pooled CLIP), exactly as FluxPipeline.encode_prompt computes them."""
+
+    def __init__(self, clip_tok, t5_tok, clip, t5) -> None:
+        self.clip_tok, self.t5_tok, self.clip, self.t5 = clip_tok, t5_tok, clip, t5
+
+    def __call__(self, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        c = self.clip_tok(captions, padding="max_length", max_length=MAX_TOKENS, truncation=True, return_tensors="pt")
+        pooled = self.clip(c.input_ids, output_hidden_states=False).pooler_output
+        t = self.t5_tok(captions, padding="max_length", max_length=MAX_TOKENS, truncation=True, return_tensors="pt")
+        return self.t5(t.input_ids, output_hidden_states=False)[0], pooled
+
+
+def sample_sigmas(n: int, gen: torch.Generator) -> torch.Tensor:
+    """Logit-normal (most weight mid-way, as SD3 trains) mixed with a quarter uniform (the ends too)."""
+    logit = torch.sigmoid(torch.randn(n, generator=gen))
+    uniform = torch.rand(n, generator=gen)
+    pick = torch.rand(n, generator=gen) < 0.25
+    return torch.where(pick, uniform, logit).clamp(1e-3, 1.0)
+
+
+def flow_loss(transformer, cond: Conditioner, latents: torch.Tensor, captions: list[str],
+              gen: torch.Generator) -> torch.Tensor:
+    from diffusers import FluxPipeline
+
+    b, c, h, w = latents.shape
+    noise = torch.randn(latents.shape, generator=gen)
+    sigma = sample_sigmas(b, gen)
+    s = sigma.view(b, 1, 1, 1)
+    noisy = (1 - s) * latents + s * noise
+    target = noise - latents
+    hidden, pooled = cond(captions)
+    pred = transformer(
+        hidden_states=FluxPipeline._pack_latents(noisy, b, c, h, w),
+        encoder_hidden_states=hidden, pooled_projections=pooled, timestep=sigma,
+        img_ids=FluxPipeline._prepare_latent_image_ids(b, h // 2, w // 2, "cpu", torch.float32),
+        txt_ids=torch.zeros(MAX_TOKENS, 3), return_dict=False,
+    )[0]
+    return F.mse_loss(pred, FluxPipeline._pack_latents(target, b, c, h, w))
+
+
+class Ema:
+    def __init__(self, modules, decay: float) -> None:
+        self.decay = decay
+        self.params = [p for m in modules for p in m.parameters()]
+        self.shadow = [p.detach().clone() for p in self.params]
+
+    @torch.no_grad()
+    def update(self, step: int) -> None:
+        d = min(self.decay, (1 + step) / (10 + step))
+        for s, p in zip(self.shadow, self.params, strict=True):
+            s.mul_(d).add_(p.detach(), alpha=1 - d)
+
+    @torch.no_grad()
+    def copy_to(self) -> None:
+        for s, p in zip(self.shadow, self.params, strict=True):
+            p.copy_(s)
+
+
+def _batch(data: dict, rng: random.Random, dropout: float, weights=None):
+    sizes = list(data)
+    size = rng.choices(sizes, weights=weights or [BUCKETS[s][0] for s in sizes])[0]
+    latents, scenes = data[size]
+    bs = min(BUCKETS.get(size, (0, 16))[1], len(scenes))
+    idx = rng.sample(range(len(scenes)), bs)
+    captions = ["" if rng.random() < dropout else world.caption(scenes[i], rng) for i in idx]
+    return latents[idx], captions
+
+
+def train_transformer(transformer, cond: Conditioner, data: dict, plan: Plan, seed: int) -> dict:
+    rng = random.Random(seed + 3)
+    gen = torch.Generator().manual_seed(seed + 3)
+    modules = [transformer, cond.clip, cond.t5]
+    trainable = [p for m in modules for p in m.parameters()]
+    opt = torch.optim.AdamW(trainable, lr=6e-4, weight_decay=0.01, betas=(0.9, 0.99))
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=6e-4, total_steps=plan.transformer_steps, pct_start=0.04)
+    ema = Ema(modules, 0.998)
+    for m in modules:
+        m.train()
+    losses = []
+    started = time.perf_counter()
+    for step in range(plan.transformer_steps):
+        latents, captions = _batch(data, rng, dropout=0.1)
+        loss = flow_loss(transformer, cond, latents, captions, gen)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(trainable, 1.0)
+        opt.step()
+        sched.step()
+        ema.update(step)
+        losses.append(loss.item())
+        if step % 100 == 0 or step == plan.transformer_steps - 1:
+            log.info("transformer %d/%d loss %.4f (%.0f s)", step, plan.transformer_steps,
+                     float(np.mean(losses[-100:])), time.perf_counter() - started)
+    ema.copy_to()
+    for m in modules:
+        m.eval()
+    return {"final_loss": float(np.mean(losses[-200:]))}
+
+
+def train_lora(transformer, cond: Conditioner, data: dict, plan: Plan, seed: int, rank: int = 8) -> tuple[dict, dict]:
+    """A LoRA on the transformer's attention projections: the same world, drawn in pastel colours."""
+    from peft import LoraConfig, get_peft_model_state_dict
+
+    rng = random.Random(seed + 4)
+    gen = torch.Generator().manual_seed(seed + 4)
+    torch.manual_seed(seed + 4)
+    transformer.add_adapter(LoraConfig(r=rank, lora_alpha=rank, init_lora_weights="gaussian",
+                                       target_modules=["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj",
+                                                       "add_v_proj", "to_add_out"]))
+    trainable = [p for p in transformer.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(trainable, lr=2e-3)
+    transformer.train()
+    losses = []
+    for step in range(plan.lora_steps):
+        latents, captions = _batch(data, rng, dropout=0.0, weights=[1.0])
+        loss = flow_loss(transformer, _Frozen(cond), latents, captions, gen)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+        if step % 50 == 0 or step == plan.lora_steps - 1:
+            log.info("lora %d/%d loss %.4f", step, plan.lora_steps, float(np.mean(losses[-50:])))
+    transformer.eval()
+    return get_peft_model_state_dict(transformer), {"final_loss": float(np.mean(losses[-50:])), "rank": rank}
+
+
+class _Frozen:
+    def __init__(self, cond: Conditioner) -> None:
+        self.cond = cond
+
+    def __call__(self, captions):
+        with torch.no_grad():
+            return self.cond(captions)
+
+
+# --- the whole run ----------------------------------------------------------------------------------
+
+
+def train(out: Path, work: Path, *, seed: int = 0, scale: float = 1.0, from_stage: int = 1) -> dict:
+    from diffusers import FluxPipeline
+
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    plan = Plan.scaled(scale)
+    work.mkdir(parents=True, exist_ok=True)
+    timings: dict[str, float] = {}
+    report: dict = {"seed": seed, "scale": scale}
+    t0 = time.perf_counter()
+
+    clip_tok, t5_tok = tokenizers(seed)
+    t = time.perf_counter()
+    rendered = render_dataset(plan.images, seed + 10)
+    pastel_rendered = render_dataset({(512, 512): plan.lora_images}, seed + 20, pastel=True)
+    timings["render_s"] = time.perf_counter() - t
+    torch.manual_seed(seed)
+    vae = build_vae()
+    vae_path = work / "vae.pt"
+    if from_stage <= 1 or not vae_path.exists():
+        t = time.perf_counter()
+        report["vae"] = train_vae(vae, [rendered, pastel_rendered], plan, seed)
+        torch.save({"state": vae.state_dict()}, vae_path)
+        timings["vae_s"] = time.perf_counter() - t
+    else:
+        vae.load_state_dict(torch.load(vae_path)["state"])
+        report["vae"] = {"reused": str(vae_path)}
+    t = time.perf_counter()
+    report["vae_whole_images"] = finetune_vae(vae, [rendered, pastel_rendered], plan, seed)
+    shift, scaling = standardise(vae, rendered[(512, 512)][0][:96])
+    vae.register_to_config(shift_factor=shift, scaling_factor=scaling)
+    timings["vae_whole_images_s"] = time.perf_counter() - t
+    vae.eval()
+
+    t = time.perf_counter()
+    data = encode_dataset(vae, rendered)
+    pastel = encode_dataset(vae, pastel_rendered)
+    del rendered, pastel_rendered
+    timings["encode_s"] = time.perf_counter() - t
+
+    torch.manual_seed(seed + 5)
+    clip, t5 = build_text(clip_tok, t5_tok)
+    transformer = build_transformer()
+    cond = Conditioner(clip_tok, t5_tok, clip, t5)
+    t = time.perf_counter()
+    report["transformer"] = train_transformer(transformer, cond, data, plan, seed)
+    timings["transformer_s"] = time.perf_counter() - t
+
+    pipe = FluxPipeline(scheduler=build_scheduler(), vae=vae, text_encoder=clip, tokenizer=clip_tok,
+                        text_encoder_2=t5, tokenizer_2=t5_tok, transformer=transformer)
+    out.mkdir(parents=True, exist_ok=True)
+    report["parameters"] = {"transformer": params(transformer), "vae": params(vae), "clip": params(clip),
+                            "t5": params(t5)}
+    report["parameters"]["total"] = sum(report["parameters"].values())
+
+    t = time.perf_counter()
+    lora_transformer = copy.deepcopy(transformer)
+    lora_state, report["lora"] = train_lora(lora_transformer, cond, pastel, plan, seed)
+    timings["lora_s"] = time.perf_counter() - t
+
+    save(pipe, out)
+    FluxPipeline.save_lora_weights(out / "lora" / "pastel", transformer_lora_layers=_half(lora_state),
+                                   weight_name="pastel.safetensors")
+    timings["total_s"] = time.perf_counter() - t0
+    report["timings"] = {k: round(v, 1) for k, v in timings.items()}
+    report["plan"] = {"vae_steps": plan.vae_steps, "vae_full_steps": plan.vae_full_steps,
+                      "transformer_steps": plan.transformer_steps,
+                      "images": {f"{w}x{h}": n for (w, h), n in plan.images.items()},
+                      "lora_images": plan.lora_images, "lora_steps": plan.lora_steps}
+    report["machine"] = {"threads": torch.get_num_threads(), "torch": torch.__version__}
+    (out / "kiln_mini.json").write_text(json.dumps(report, indent=1) + "\n")
+    log.info("done in %.0f s: %s", timings["total_s"], json.dumps(report["timings"]))
+    return report
+
+
+def _half(state: dict) -> dict:
+    return {k: v.detach().to(torch.float16).contiguous() for k, v in state.items()}
+
+
+def save(pipe, out: Path) -> None:
+    """The pipeline with float16 weights (half the bytes; a CPU loads them back as float32)."""
+    half = copy.deepcopy(pipe)
+    for name in ("vae", "text_encoder", "text_encoder_2", "transformer"):
+        getattr(half, name).to(torch.float16)
+    half.save_pretrained(out, safe_serialization=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--out", type=Path, required=True, help="the pipeline directory to write")
+    ap.add_argument("--work", type=Path, default=None, help="intermediate files (default OUT.work)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--scale", type=float, default=1.0, help="shrink every stage (0.05: a smoke run)")
+    ap.add_argument("--from-stage", type=int, default=1, help="2: reuse the VAE in --work")
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stderr)
+    train(args.out, args.work or args.out.with_name(args.out.name + ".work"), seed=args.seed, scale=args.scale,
+          from_stage=args.from_stage)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
