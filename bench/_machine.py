@@ -117,3 +117,15 @@ if __name__ == "__main__":  # pragma: no cover - convenience
     import json
 
     print(json.dumps(machine(), indent=2))
+
+
+def write_results(stem: str, data: dict[str, Any], md: str) -> None:
+    """Write ``bench/results/<stem>.json`` (raw numbers, indented) and ``<stem>.md`` (the printed table)."""
+    import json
+    from pathlib import Path
+
+    out = Path(__file__).resolve().parent / "results"
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{stem}.json").write_text(json.dumps(data, indent=1) + "\n", encoding="utf-8")
+    (out / f"{stem}.md").write_text(md, encoding="utf-8")
+    print(f"wrote {out / stem}.json and .md", file=sys.stderr)

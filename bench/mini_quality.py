@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import json
 import random
 import statistics
 import sys
@@ -37,7 +36,7 @@ ROOT = HERE.parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(ROOT))
 
-from _machine import load_average, machine  # noqa: E402
+from _machine import load_average, machine, write_results  # noqa: E402
 
 MODEL = ("flux", "mini")
 TARGETS = {"background": 0.90, "colour": 0.80}
@@ -195,12 +194,7 @@ def main(argv: list[str] | None = None) -> int:
     md = render_md(res)
     print(md)
     if not args.quick or args.write:
-        out = HERE / "results"
-        out.mkdir(parents=True, exist_ok=True)
-        stem = f"mini-quality-{res['date']}" + ("-quick" if args.quick else "")
-        (out / f"{stem}.json").write_text(json.dumps(res, indent=1) + "\n", encoding="utf-8")
-        (out / f"{stem}.md").write_text(md, encoding="utf-8")
-        print(f"wrote {out / stem}.json and .md", file=sys.stderr)
+        write_results(f"mini-quality-{res['date']}" + ("-quick" if args.quick else ""), res, md)
     return 0
 
 
