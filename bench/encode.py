@@ -37,7 +37,6 @@ import argparse
 import datetime as dt
 import gc
 import io
-import json
 import math
 import random
 import statistics
@@ -56,7 +55,7 @@ ROOT = HERE.parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(ROOT))
 
-from _machine import load_average, machine  # noqa: E402
+from _machine import load_average, machine, write_results  # noqa: E402
 
 SIZE = 1024
 QUALITY = 90
@@ -681,12 +680,7 @@ def main(argv: list[str] | None = None) -> int:
         pass
 
     if (not args.quick or args.write) and not args.no_write:
-        out_dir = HERE / "results"
-        out_dir.mkdir(parents=True, exist_ok=True)
-        stem = f"encode-{result['date']}" + ("-quick" if args.quick else "")
-        (out_dir / f"{stem}.json").write_text(json.dumps(result, indent=1) + "\n", encoding="utf-8")
-        (out_dir / f"{stem}.md").write_text(md, encoding="utf-8")
-        print(f"wrote {out_dir / stem}.json and .md", file=sys.stderr)
+        write_results(f"encode-{result['date']}" + ("-quick" if args.quick else ""), result, md)
     return 0
 
 

@@ -118,7 +118,7 @@ sys.path.insert(0, str(ROOT))
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from _machine import load_average, machine  # noqa: E402
+from _machine import load_average, machine, write_results  # noqa: E402
 
 FAMILY, MODEL, TASK = "flux", "toy", "t2i"
 PROMPT = "a red circle on a blue background, studio lighting"
@@ -1104,14 +1104,9 @@ def main(argv: list[str] | None = None) -> int:
     print()
     print(md)
     if (not args.quick or args.write) and not args.no_write:
-        out_dir = HERE / "results"
-        out_dir.mkdir(parents=True, exist_ok=True)
         pk = res["machine"]["packages"]
         tag = "" if pk.get("httptools") and pk.get("uvloop") else "-h11"  # uvicorn picks them up when installed
-        stem = f"overhead-{res['date']}{tag}" + ("-quick" if args.quick else "")
-        (out_dir / f"{stem}.json").write_text(json.dumps(res, indent=1) + "\n", encoding="utf-8")
-        (out_dir / f"{stem}.md").write_text(md, encoding="utf-8")
-        print(f"wrote {out_dir / stem}.json and .md", file=sys.stderr)
+        write_results(f"overhead-{res['date']}{tag}" + ("-quick" if args.quick else ""), res, md)
     return 0
 
 
