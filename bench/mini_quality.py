@@ -70,14 +70,14 @@ def held_out_kind(scene) -> str:
     return " & ".join(kinds) or "none"
 
 
-def run_set(engine, items, steps: int | None, size: str) -> list[dict]:
+def run_set(engine, items, steps: int | None, size: str, guidance: float | None = None) -> list[dict]:
     from kiln.engine import GenerationRequest
     from kiln.training import world
 
     rows = []
     for i, scene in enumerate(items):
         request = GenerationRequest.create(family=MODEL[0], model=MODEL[1], task="t2i", format=size,
-                                           prompt=world.prompt(scene), steps=steps, seed=i)
+                                           prompt=world.prompt(scene), steps=steps, guidance=guidance, seed=i)
         result = engine.generate(request)
         reading = world.classify(result.outputs[0].image)
         truth = world.classify(world.render(scene, result.width, result.height))
@@ -124,7 +124,8 @@ def render_md(res: dict) -> str:
         f"{pk.get('diffusers')}; load average at start {m.get('load_average_start')}, at end {m.get('load_average')}.",
         "",
         f"Command: `python bench/mini_quality.py{' --quick' if res['quick'] else ''}`: {res['n']} held-out prompts "
-        f"and {res['n_control']} in-distribution ones, 512x512, {res['steps']} steps (the model's default), seed = "
+        f"and {res['n_control']} in-distribution ones, 512x512, {res['steps']} steps, guidance {res['guidance']} "
+        f"({res['settings']}), seed = "
         "index, through `Engine.generate`; read back with `kiln.training.world.classify`.", "",
         "| set | n | background right | shape colour right | count right |", "|---|---:|---:|---:|---:|",
         f"| **held out** (never in training) | {res['n']} | **{held['background']:.1%}** | **{held['colour']:.1%}** | "
@@ -156,6 +157,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--speed-runs", type=int, default=7)
     ap.add_argument("--quick", action="store_true", help="60 held-out, 20 control, 3 speed runs; prints only")
     ap.add_argument("--write", action="store_true", help="write results even with --quick")
+    ap.add_argument("--steps", type=int, default=None, help="sampling steps (default: the model's)")
+    ap.add_argument("--guidance", type=float, default=None, help="guidance (default: the model's)")
     args = ap.parse_args(argv)
     if args.quick:
         args.n, args.control, args.speed_runs = 60, 20, 3
@@ -167,8 +170,8 @@ def main(argv: list[str] | None = None) -> int:
     engine = Engine(load_catalog())
     spec = engine.catalog.resolve(*MODEL)
     t0 = time.perf_counter()
-    held = run_set(engine, scenes(args.n, args.seed, True), None, "512")
-    control = run_set(engine, scenes(args.control, args.seed + 1, False), None, "512")
+    held = run_set(engine, scenes(args.n, args.seed, True), args.steps, "512", args.guidance)
+    control = run_set(engine, scenes(args.control, args.seed + 1, False), args.steps, "512", args.guidance)
     quality_s = time.perf_counter() - t0
     by_kind: dict[str, dict] = {}
     for kind in sorted({r["held_out"] for r in held}):
@@ -182,7 +185,9 @@ def main(argv: list[str] | None = None) -> int:
             miss[f"background {r['expected']['background']} read as {r['read']['background']}"] += 1
     res = {
         "date": dt.date.today().strftime("%Y%m%d"), "quick": args.quick, "n": len(held), "n_control": len(control),
-        "steps": spec.steps.default, "seed": args.seed,
+        "steps": args.steps or spec.steps.default, "guidance": args.guidance or spec.guidance.value,
+        "settings": "the model's defaults" if args.steps is None and args.guidance is None else "set on the command line",
+        "seed": args.seed,
         "rates": {"held_out": rates(held), "control": rates(control), "checker_on_truth": rates(held, "checker_on_truth")},
         "by_kind": by_kind, "misreadings": miss.most_common(8), "quality_s": round(quality_s, 1),
         "speed": speed(engine, args.speed_runs), "held_out_rows": held, "control_rows": control,

@@ -109,6 +109,11 @@ class ModelSpec(_Strict):
     schedulers: list[str] = []
     lora: bool = False
     negative_prompt: bool = False
+    true_cfg: bool = Field(
+        default=False,
+        description="guidance is true classifier-free guidance: a second transformer pass per step on the "
+        "negative prompt (empty when none), mixed by the guidance scale; 1.0 turns it off",
+    )
     max_sequence_length: int | None = Field(default=None, ge=1, le=4096, description="prompt tokens for the text encoder")
     video: VideoSpec | None = None
     status: Status = "active"

@@ -8,6 +8,7 @@ stops between steps when asked to.
 
 from __future__ import annotations
 
+import inspect
 import logging
 import threading
 import time
@@ -162,7 +163,10 @@ class Engine:
                 elif type(base) is cls:
                     pipe = base
                 else:
-                    pipe = cls.from_pipe(base)
+                    # Hand the components over by name: from_pipe silently drops any whose class is not
+                    # the one its signature names (flux/mini's AutoencoderTiny VAE) and then fails.
+                    wanted = inspect.signature(cls.__init__).parameters
+                    pipe = cls.from_pipe(base, **{k: v for k, v in base.components.items() if k in wanted and v is not None})
                 pipe.set_progress_bar_config(disable=True)
                 pipelines[task] = pipe
         except (OSError, ValueError, TypeError, KeyError, RuntimeError, AttributeError) as exc:

@@ -65,6 +65,14 @@ class Adapter:
         return list(output.images)
 
 
+def vae_latents(vae: Any, image: torch.Tensor) -> torch.Tensor:
+    """The deterministic latents of ``image``: the posterior's mode for a KL autoencoder, the output of a
+    tiny (deterministic) one such as ``AutoencoderTiny``, which the embedded model uses."""
+    encoded = vae.encode(image)
+    dist = getattr(encoded, "latent_dist", None)
+    return dist.mode() if dist is not None else encoded.latents
+
+
 def fit_to(image: Image.Image, width: int, height: int) -> Image.Image:
     """Scale ``image`` to cover ``width``x``height`` and crop the centre, keeping its aspect ratio.
 

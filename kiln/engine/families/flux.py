@@ -6,7 +6,7 @@ from typing import Any
 
 import torch
 
-from kiln.engine.families.base import Adapter
+from kiln.engine.families.base import Adapter, vae_latents
 
 
 class FluxAdapter(Adapter):
@@ -16,7 +16,13 @@ class FluxAdapter(Adapter):
 
     def call_kwargs(self, plan, pipe) -> dict[str, Any]:
         kwargs = super().call_kwargs(plan, pipe)
-        if plan.negative_prompt:
+        if plan.spec.true_cfg:
+            # A model trained with dropped captions (flux/mini): guidance is true CFG against the
+            # negative prompt, or against the empty caption it learned as "anything".
+            if plan.guidance > 1.0:
+                kwargs["true_cfg_scale"] = plan.guidance
+                kwargs.setdefault("negative_prompt", "")
+        elif plan.negative_prompt:
             # FLUX.1 is guidance-distilled: a negative prompt only acts through true CFG.
             kwargs["true_cfg_scale"] = plan.guidance
         return kwargs
@@ -26,5 +32,5 @@ class FluxAdapter(Adapter):
 
     def encode_for_preview(self, pipe, image) -> torch.Tensor:
         cfg = pipe.vae.config
-        latents = pipe.vae.encode(image).latent_dist.mode()
+        latents = vae_latents(pipe.vae, image)
         return (latents - cfg.shift_factor) * cfg.scaling_factor

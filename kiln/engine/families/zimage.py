@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from kiln.engine.families.base import Adapter
+from kiln.engine.families.base import Adapter, vae_latents
 
 
 class ZImageAdapter(Adapter):
@@ -14,5 +14,5 @@ class ZImageAdapter(Adapter):
 
     def encode_for_preview(self, pipe, image) -> torch.Tensor:
         cfg = pipe.vae.config
-        latents = pipe.vae.encode(image).latent_dist.mode()
+        latents = vae_latents(pipe.vae, image)
         return (latents - cfg.shift_factor) * cfg.scaling_factor
