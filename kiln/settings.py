@@ -37,6 +37,11 @@ class Settings(BaseModel):
     queue_max_depth: int = Field(default=1000, ge=1)
     aging_s: float = Field(default=60.0, gt=0.0, description="a queued job competes one priority higher per this wait")
     default_rate_per_min: int = Field(default=100, ge=1)
+    # the WaveSpeed-style door (/api/v2, /api/v3) has its reference's limits, per key
+    wavespeed_rate_per_min: int = Field(default=120, ge=1, description="WaveSpeed-style requests per key per minute")
+    wavespeed_max_concurrent: int = Field(default=20, ge=1, description="unfinished WaveSpeed-style tasks per key")
+    wavespeed_sync_wait_s: float = Field(default=30.0, gt=0.0, le=600.0,
+                                         description="how long enable_sync_mode waits before answering with the task as it is")
     max_upload_bytes: int = Field(default=20 * 2**20, ge=1024)
     allow_private_fetch: bool = Field(default=False, description="let image URLs point at private addresses")
     prompt_filter_file: Path | None = Field(default=None, description="regular expressions, one per line; a match is 403")

@@ -9,7 +9,7 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 
 from kiln import __version__
-from kiln.api import errors
+from kiln.api import dialects, errors
 from kiln.api.guard import BodyGuard
 from kiln.api.routes import cdn, discovery, events, generate, ops, uploads, ws
 from kiln.api.services import Services
@@ -80,6 +80,7 @@ def create_app(services: Services, *, on_start: Callable[[], None] | None = None
 
     for module in (generate, events, ws, discovery, uploads, cdn, ops):
         app.include_router(module.router)
+    dialects.install(app)  # the compatible front doors: OpenAI Images, WaveSpeed-style, Vyro-style
     app.add_middleware(LimitsAndMetrics, metrics=services.metrics)
     app.add_middleware(BodyGuard, upload_limit=services.settings.max_upload_bytes)
     return app

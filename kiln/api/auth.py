@@ -17,15 +17,28 @@ async def authenticate(request: Request) -> KeyRecord | None:
     svc = services(request)
     if not svc.settings.auth:
         return None
-    scheme, _, token = request.headers.get("authorization", "").partition(" ")
-    token = token.strip()
-    if scheme.lower() != "bearer" or not token:
+    token = bearer_token(request)
+    if token is None:
         raise ApiError(401, "invalid_token", "missing API key: send Authorization: Bearer <key>")
     return authenticate_token(svc, token, request)
 
 
 def authenticate_token(svc, token: str, request: Request | None = None) -> KeyRecord:
     """Check a presented key and count the request against its rate (HTTP and WebSocket alike)."""
+    record = identify(svc, token)
+    count_request(svc, record.id, record.rate_per_min, request)
+    return record
+
+
+def bearer_token(request: Request) -> str | None:
+    """The token of ``Authorization: Bearer <token>``; None when the header is missing or another scheme."""
+    scheme, _, token = request.headers.get("authorization", "").partition(" ")
+    token = token.strip()
+    return token if scheme.lower() == "bearer" and token else None
+
+
+def identify(svc, token: str) -> KeyRecord:
+    """The active key ``token`` is, without counting anything against it."""
     if not looks_like_a_key(token):
         raise ApiError(401, "invalid_token", "API key format invalid")
     record = svc.keys.lookup(token)
@@ -33,12 +46,16 @@ def authenticate_token(svc, token: str, request: Request | None = None) -> KeyRe
         raise ApiError(401, "invalid_token", "API key not recognised")
     if not record.active(svc.keys.clock()):
         raise ApiError(401, "token_expired", "API key has been revoked or has expired")
-    rate = svc.limiter.hit(record.id, record.rate_per_min)
+    return record
+
+
+def count_request(svc, bucket: str, limit: int, request: Request | None = None) -> None:
+    """One request against ``bucket``'s per-minute ``limit``; 429 past it (the headers say where it stands)."""
+    rate = svc.limiter.hit(bucket, limit)
     if request is not None:
         request.state.rate = rate
     if not rate.allowed:
         raise ApiError(429, "rate_limit_exceeded", f"Rate limit: {rate.limit}/min", retry_after=rate.reset_s)
-    return record
 
 
 def spend_credit(request: Request, key: KeyRecord | None) -> None:

@@ -29,7 +29,7 @@ class BodyGuard:
         length = headers.get(b"content-length")
         if length is not None and (not length.isdigit() or int(length) > limit):
             return await _too_large(send, limit)
-        if not upload and not headers.get(b"content-type", b"").startswith(b"application/json"):
+        if not upload and not headers.get(b"content-type", b"").startswith((b"application/json", b"multipart/form-data")):
             scope = dict(scope)
             scope["headers"] = [(k, v) for k, v in scope["headers"] if k != b"content-type"]
             scope["headers"].append((b"content-type", b"application/json"))

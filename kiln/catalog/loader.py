@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import tomllib
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from pydantic import ValidationError
 
-from kiln.catalog.schema import ModelSpec
+from kiln.catalog.schema import Dialects, DialectTarget, ModelSpec
 from kiln.errors import CatalogError, UnknownModel, UnsupportedFormat, UnsupportedTask
 
 DEFAULT_CATALOG = Path(__file__).with_name("default.toml")
@@ -29,6 +29,7 @@ class Catalog:
     formats: dict[str, dict[str, tuple[int, int]]]
     path: Path | None = None
     default_model: str = ""
+    dialects: Dialects = field(default_factory=Dialects)
 
     # --- queries -----------------------------------------------------------------------------
 
@@ -59,6 +60,17 @@ class Catalog:
         if not sep or not model:
             raise UnknownModel(f"a model is named FAMILY/MODEL (for example flux/schnell), got {key!r}")
         return self.resolve(family, model)
+
+    def resolve_dialect(self, dialect: str, name: str, *, what: str = "model") -> tuple[ModelSpec, DialectTarget]:
+        """The catalog model another API's ``name`` stands for (``[dialects.<dialect>]``), with its defaults."""
+        names: dict[str, DialectTarget] = getattr(self.dialects, dialect)
+        target = names.get(name)
+        if target is None:
+            known = sorted(names)
+            raise UnknownModel(
+                f"unknown {what} {name!r}; this server offers: {', '.join(known) or 'none'}", details={what + "s": known}
+            )
+        return self.resolve_key(target.model), target
 
     def size_of(self, spec: ModelSpec, fmt: str) -> tuple[int, int]:
         """(width, height) of ``fmt`` for this model; :class:`UnsupportedFormat` if it has no such format."""
@@ -104,7 +116,7 @@ def parse_catalog(raw: dict[str, Any], *, base_dir: Path, path: Path | None = No
 
 
 def _parse(raw: dict[str, Any], base_dir: Path, path: Path | None, where: str) -> Catalog:
-    unknown = set(raw) - {"aliases", "formats", "models", "default_model"}
+    unknown = set(raw) - {"aliases", "formats", "models", "default_model", "dialects"}
     if unknown:
         raise CatalogError(f"{where}: unknown top-level keys {sorted(unknown)}")
     formats = _parse_formats(raw.get("formats", {}), where)
@@ -136,7 +148,31 @@ def _parse(raw: dict[str, Any], base_dir: Path, path: Path | None, where: str) -
         default = next(iter(models))
     elif default not in models:
         raise CatalogError(f"{where}: default_model {default!r} is not a model in the catalog")
-    return Catalog(models=models, aliases=aliases, formats=formats, path=path, default_model=default)
+    catalog = Catalog(models=models, aliases=aliases, formats=formats, path=path, default_model=default)
+    return _with_dialects(catalog, raw.get("dialects", {}), where)
+
+
+def _with_dialects(catalog: Catalog, raw: dict[str, Any], where: str) -> Catalog:
+    """Other APIs' names for models: each must name an image model, with defaults inside its ranges."""
+    try:
+        dialects = Dialects.model_validate(raw)
+    except ValidationError as exc:
+        raise CatalogError(f"{where}: dialects: {_first_error(exc)}") from exc
+    for dialect in Dialects.model_fields:
+        for name, target in getattr(dialects, dialect).items():
+            label = f"{where}: [dialects.{dialect}] {name!r}"
+            try:
+                spec = catalog.resolve_key(target.model)
+            except UnknownModel as exc:
+                raise CatalogError(f"{label}: {exc.message}") from exc
+            if spec.modality != "image":
+                raise CatalogError(f"{label}: {spec.key} makes {spec.modality}s; these APIs make images")
+            if target.steps is not None and not spec.steps.min <= target.steps <= spec.steps.max:
+                raise CatalogError(f"{label}: steps {target.steps} is outside {spec.key}'s {spec.steps.min}..{spec.steps.max}")
+            g = spec.guidance
+            if target.guidance is not None and not (g.mode == "range" and g.min <= target.guidance <= g.max):  # type: ignore[operator]
+                raise CatalogError(f"{label}: guidance {target.guidance} does not fit {spec.key}'s guidance")
+    return replace(catalog, dialects=dialects)
 
 
 def _parse_formats(raw: dict[str, Any], where: str) -> dict[str, dict[str, tuple[int, int]]]:

@@ -6,6 +6,7 @@ validation, the engine, ``/models``) reads ranges and rules from them and from n
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -155,3 +156,41 @@ class ModelSpec(_Strict):
             return None
         src = Path(self.source).expanduser()
         return src if src.is_absolute() else (self.base_dir or Path.cwd()) / src
+
+
+# --- other APIs' names for catalog models (the compatible front doors in kiln.api.dialects) --------
+
+MODEL_KEY = r"^[a-z0-9][a-z0-9_-]*/[a-z0-9][a-z0-9_.-]*$"
+NAME_PART = r"[A-Za-z0-9][A-Za-z0-9_.-]*"
+DIALECT_NAMES: dict[str, str] = {
+    "wavespeed": rf"^{NAME_PART}(/{NAME_PART})+$",  # owner/model[/variant], as in /api/v3/{owner}/{model…}
+    "vyro": rf"^{NAME_PART}$",  # a style name
+}
+
+
+class DialectTarget(_Strict):
+    """The catalog model another API's name stands for, with that API's defaults where they differ."""
+
+    model: str = Field(pattern=MODEL_KEY, description="FAMILY/MODEL or FAMILY/ALIAS")
+    steps: int | None = Field(default=None, ge=1, description="default steps under this name (else the model's)")
+    guidance: float | None = Field(default=None, ge=0.0, description="default guidance under this name (else the model's)")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _short_form(cls, value: Any) -> Any:
+        return {"model": value} if isinstance(value, str) else value
+
+
+class Dialects(_Strict):
+    """``[dialects.<name>]`` tables: a name in that API -> a catalog model."""
+
+    wavespeed: dict[str, DialectTarget] = {}
+    vyro: dict[str, DialectTarget] = {}
+
+    @model_validator(mode="after")
+    def _names(self) -> Dialects:
+        for dialect, pattern in DIALECT_NAMES.items():
+            for name in getattr(self, dialect):
+                if not re.match(pattern, name) or len(name) > 128:
+                    raise ValueError(f"[dialects.{dialect}] {name!r} is not a valid name there")
+        return self

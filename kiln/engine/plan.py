@@ -218,18 +218,20 @@ def _decode(data: bytes, what: str, mode: str) -> Image.Image:
 
     The size is checked from the header, before any pixel is decoded.
     """
+    where = {"field": what}  # which input, for clients that point at the field
     try:
         img = Image.open(io.BytesIO(data))
         if img.format not in ACCEPTED_TYPES:
-            raise InvalidImage(f"the {what} is {img.format or 'of an unknown type'}; send PNG, JPEG or WebP")
+            raise InvalidImage(f"the {what} is {img.format or 'of an unknown type'}; send PNG, JPEG or WebP", details=where)
         if max(img.size) > MAX_INPUT_SIDE or min(img.size) < 1:
-            raise InvalidImage(f"the {what} is {img.width}x{img.height}; at most {MAX_INPUT_SIDE}x{MAX_INPUT_SIDE}")
+            raise InvalidImage(f"the {what} is {img.width}x{img.height}; at most {MAX_INPUT_SIDE}x{MAX_INPUT_SIDE}",
+                               details=where)
         img.load()
         img = ImageOps.exif_transpose(img)
         return to_mask8(img) if mode == "L" else to_rgb8(img)
     except InvalidImage:
         raise
     except PixelError as exc:
-        raise InvalidImage(f"the {what} cannot be used: {exc}") from exc
+        raise InvalidImage(f"the {what} cannot be used: {exc}", details=where) from exc
     except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as exc:
-        raise InvalidImage(f"the {what} could not be read as an image ({type(exc).__name__})") from exc
+        raise InvalidImage(f"the {what} could not be read as an image ({type(exc).__name__})", details=where) from exc

@@ -15,6 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from kiln.errors import InvalidParameters, InvalidPrompt
 
 Task = Literal["t2i", "i2i", "edit", "t2v", "i2v"]
+Encoding = Literal["webp", "png", "jpeg"]
 
 MAX_SEED = 2**32 - 1
 MAX_PROMPT_CHARS = 5000
@@ -44,6 +45,7 @@ class GenerationRequest(BaseModel):
     mask: bytes | None = Field(default=None, repr=False, description="edit: white = regenerate, black = keep")
     num_outputs: int = Field(default=1, ge=1, le=MAX_OUTPUTS)
     duration: float | None = Field(default=None, gt=0.0, allow_inf_nan=False, description="video length in seconds")
+    encoding: Encoding = Field(default="webp", description="how image outputs are encoded (videos are always MP4)")
 
     @classmethod
     def create(cls, **fields: object) -> GenerationRequest:

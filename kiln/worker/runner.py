@@ -285,7 +285,7 @@ class Worker:
         put = self.store.put if durable else self.store.put_soon
         for output in result.outputs:
             t0 = time.perf_counter()
-            data, media_type, kind = _encode(output)
+            data, media_type, kind = _encode(output, request.encoding)
             t1 = time.perf_counter()
             assets.append(put(data, kind, media_type))
             encode_s += t1 - t0
@@ -301,9 +301,9 @@ def work_units(steps: int, width: int, height: int, num_frames: int | None = Non
     return steps * width * height / 1e6 * (num_frames or 1) * max(1, outputs)
 
 
-def _encode(output: Output) -> tuple[bytes, str, str]:
+def _encode(output: Output, encoding: str = "webp") -> tuple[bytes, str, str]:
     from kiln.engine import VideoOutput
 
     if isinstance(output, VideoOutput):
         return output.encode("mp4"), "video/mp4", "v"
-    return output.encode("webp"), "image/webp", "i"
+    return output.encode(encoding), output.media_type(encoding), "i"
