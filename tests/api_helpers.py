@@ -45,3 +45,27 @@ def running_server(tmp_path, engine, *, worker=None, webhook_schedule=(0.05, 0.0
     key = runtime.services.keys.create("test").secret
     with TestClient(app, base_url="http://kiln.test") as client:
         yield Server(client, runtime.services, key)
+
+
+class StalledWorker:
+    """A worker that takes requests and never starts them: sync requests wait until they give up,
+    queued jobs stay queued (WaveSpeed tasks stay ``created``). Subclass to fail them instead."""
+
+    alive, current_job, seconds_per_job = True, None, 4.0
+
+    def submit_sync(self, request, **kwargs):
+        from kiln.worker import SyncTicket
+
+        return SyncTicket(request)  # never started
+
+    def withdraw(self, ticket):
+        return True
+
+    def wake(self):
+        pass
+
+    def start(self):
+        pass
+
+    def stop(self):
+        pass

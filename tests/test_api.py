@@ -11,7 +11,7 @@ import time
 import pytest
 from PIL import Image
 
-from api_helpers import running_server
+from api_helpers import StalledWorker, running_server
 from helpers import png
 from kiln.queue import JobStatus, Priority
 
@@ -221,32 +221,9 @@ def test_sync_format_too_long(server):
 # --- fakes for failure modes --------------------------------------------------------------------
 
 
-class BusyWorker:
-    """A worker that never gets round to sync requests (every slot stays busy)."""
-
-    alive, current_job, seconds_per_job = True, None, 4.0
-
-    def submit_sync(self, request, **kwargs):
-        from kiln.worker import SyncTicket
-
-        return SyncTicket(request)  # never started
-
-    def withdraw(self, ticket):
-        return True
-
-    def wake(self):
-        pass
-
-    def start(self):
-        pass
-
-    def stop(self):
-        pass
-
-
 @pytest.fixture
 def busy(tmp_path, engine):
-    with running_server(tmp_path, engine, worker=BusyWorker(), queue_max_depth=2, sync_wait_s=0.05) as srv:
+    with running_server(tmp_path, engine, worker=StalledWorker(), queue_max_depth=2, sync_wait_s=0.05) as srv:
         yield srv
 
 
@@ -642,7 +619,7 @@ def test_a_webhook_lost_to_a_crash_is_queued_at_the_next_start(tmp_path, engine)
     from kiln.settings import Settings
 
     settings = Settings(data_dir=tmp_path / "data")
-    runtime = build_runtime(settings, engine=engine, worker=BusyWorker())
+    runtime = build_runtime(settings, engine=engine, worker=StalledWorker())
     broker, outbox = runtime.services.broker, runtime.services.outbox
     job, _ = broker.submit({"request": {}, "webhook": "https://hooks.example/x"})
     broker.claim("w")
@@ -719,7 +696,7 @@ def test_a_real_worker_busy_with_a_job_answers_sync_with_503(tmp_path, engine):
         assert r.status_code == 200
 
 
-class MeasuredBusyWorker(BusyWorker):
+class MeasuredBusyWorker(StalledWorker):
     """Busy, with measured step times: flux/dev takes 0.5 s a step per toy-64 image, other models unmeasured."""
 
     def estimate(self, model, steps, megapixels):

@@ -9,7 +9,7 @@ import openai
 import pytest
 from PIL import Image
 
-from api_helpers import running_server
+from api_helpers import StalledWorker, running_server
 from helpers import png
 
 try:  # the HTTP library the installed openai package is built on (recent releases: httpx2)
@@ -199,31 +199,8 @@ def test_missing_key(server):
     assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
 
 
-class BusyWorker:
-    """A worker that never gets round to sync requests."""
-
-    alive, current_job, seconds_per_job = True, None, 4.0
-
-    def submit_sync(self, request, **kwargs):
-        from kiln.worker import SyncTicket
-
-        return SyncTicket(request)
-
-    def withdraw(self, ticket):
-        return True
-
-    def wake(self):
-        pass
-
-    def start(self):
-        pass
-
-    def stop(self):
-        pass
-
-
 def test_capacity_exhausted_is_a_503_server_error(tmp_path, engine):
-    with (running_server(tmp_path, engine, worker=BusyWorker(), sync_wait_s=0.05) as srv,
+    with (running_server(tmp_path, engine, worker=StalledWorker(), sync_wait_s=0.05) as srv,
           pytest.raises(openai.InternalServerError) as info):
         client_for(srv).images.generate(model="flux/mini", prompt=PROMPT, size=SMALL)
     assert info.value.status_code == 503 and info.value.body["type"] == "server_error"

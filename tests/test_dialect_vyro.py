@@ -7,7 +7,7 @@ import io
 import pytest
 from PIL import Image
 
-from api_helpers import running_server
+from api_helpers import StalledWorker, running_server
 from kiln import errors
 
 pytestmark = pytest.mark.slow
@@ -41,7 +41,7 @@ def test_image_bytes_in_the_style_and_seed(server):
     assert server.client.get(location).content == r.content
 
 
-class RecordingWorker:
+class RecordingWorker(StalledWorker):
     """Takes each sync request at once and fails it with ``exc``; keeps the requests it saw."""
 
     alive, current_job, seconds_per_job = True, None, 1.0
@@ -60,15 +60,6 @@ class RecordingWorker:
 
     def withdraw(self, ticket):
         return False
-
-    def wake(self):
-        pass
-
-    def start(self):
-        pass
-
-    def stop(self):
-        pass
 
 
 @pytest.mark.parametrize(("style", "ratio", "model", "fmt"), [

@@ -12,7 +12,7 @@ import threading
 import pytest
 from PIL import Image
 
-from api_helpers import running_server
+from api_helpers import StalledWorker, running_server
 from helpers import mask_png, png
 
 pytestmark = pytest.mark.slow
@@ -28,32 +28,9 @@ def server(tmp_path_factory, engine):
         yield srv
 
 
-class IdleWorker:
-    """A worker that never runs anything: tasks stay created."""
-
-    alive, current_job, seconds_per_job = True, None, 4.0
-
-    def submit_sync(self, request, **kwargs):
-        from kiln.worker import SyncTicket
-
-        return SyncTicket(request)
-
-    def withdraw(self, ticket):
-        return True
-
-    def wake(self):
-        pass
-
-    def start(self):
-        pass
-
-    def stop(self):
-        pass
-
-
 @pytest.fixture
 def idle(tmp_path, engine):
-    with running_server(tmp_path, engine, worker=IdleWorker(), wavespeed_max_concurrent=2,
+    with running_server(tmp_path, engine, worker=StalledWorker(), wavespeed_max_concurrent=2,
                         wavespeed_sync_wait_s=0.05) as srv:
         yield srv
 
@@ -245,7 +222,7 @@ def test_concurrency_limit_per_key(idle):
 
 
 def test_rate_limit_per_key(tmp_path, engine):
-    with running_server(tmp_path, engine, worker=IdleWorker(), wavespeed_rate_per_min=2) as srv:
+    with running_server(tmp_path, engine, worker=StalledWorker(), wavespeed_rate_per_min=2) as srv:
         assert [submit(srv, **FAST).status_code for _ in range(2)] == [200, 200]
         r = submit(srv, **FAST)
         assert r.status_code == 429 and r.json()["code"] == 429 and int(r.headers["retry-after"]) >= 1

@@ -17,10 +17,15 @@ async def authenticate(request: Request) -> KeyRecord | None:
     svc = services(request)
     if not svc.settings.auth:
         return None
+    return authenticate_token(svc, required_token(request), request)
+
+
+def required_token(request: Request) -> str:
+    """The bearer token, or the render API's 401 (each door maps it to its own shape)."""
     token = bearer_token(request)
     if token is None:
         raise ApiError(401, "invalid_token", "missing API key: send Authorization: Bearer <key>")
-    return authenticate_token(svc, token, request)
+    return token
 
 
 def authenticate_token(svc, token: str, request: Request | None = None) -> KeyRecord:

@@ -35,7 +35,7 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.concurrency import run_in_threadpool
 
-from kiln.api.auth import bearer_token, count_request, identify, services
+from kiln.api.auth import count_request, identify, required_token, services
 from kiln.api.dialects.common import (
     checked,
     documented_body,
@@ -207,10 +207,7 @@ async def _key(request: Request, *, counted: bool) -> KeyRecord | None:
     svc = services(request)
     if not svc.settings.auth:
         return None
-    token = bearer_token(request)
-    if token is None:
-        raise ApiError(401, "invalid_token", "missing API key: send Authorization: Bearer <key>")
-    key = identify(svc, token)
+    key = identify(svc, required_token(request))
     if counted:
         count_request(svc, f"{NAME}:{key.id}", svc.settings.wavespeed_rate_per_min, request)
     return key
