@@ -1,6 +1,6 @@
-"""What every compatible door shares: reading its body once, turning it into the canonical request,
-running it on the same worker, queue, keys and store as the render API, and answering every failure
-in the door's own error shape.
+"""What every compatible door shares: reading its body once, turning it into the canonical request
+(which :mod:`kiln.api.submit` runs or queues exactly as it does the render API's: same worker,
+queue, keys, credits and store), and answering every failure in the door's own error shape.
 
 A door's module holds only the translation: its body model, its names, its response shape and one
 function that maps Kiln's error vocabulary to its own (see :func:`guarded`).
@@ -11,7 +11,6 @@ from __future__ import annotations
 import functools
 import json
 import logging
-import time
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
@@ -21,11 +20,10 @@ from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import FormData, UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from kiln.api.auth import refund_credit, services, spend_credit
+from kiln.api.auth import services
 from kiln.api.errors import ApiError
 from kiln.api.fetch import resolve_image_input
 from kiln.api.guard import BodyTooLarge
-from kiln.api.handoff import run_sync
 from kiln.api.services import Services
 from kiln.catalog import ModelSpec
 from kiln.engine.request import GenerationRequest
@@ -37,9 +35,8 @@ from kiln.errors import (
     UnsupportedFormat,
     UserError,
 )
-from kiln.keys import KeyRecord
-from kiln.queue import Job, Priority
-from kiln.worker import Stored, to_payload
+from kiln.queue import Job
+from kiln.worker import Stored
 
 log = logging.getLogger(__name__)
 
@@ -192,42 +189,10 @@ async def checked(svc: Services, canonical: GenerationRequest) -> GenerationRequ
     return canonical
 
 
-async def generate_now(request: Request, canonical: GenerationRequest, key: KeyRecord | None) -> Stored:
-    """Run on the sync tier (ahead of queued jobs), charged to ``key``; refunded if nothing was made."""
-    svc = services(request)
-    spend_credit(request, key)
-    started = time.perf_counter()
-    try:
-        stored = await run_sync(svc.worker, canonical, wait_s=svc.settings.sync_wait_s,
-                                retry_after=svc.settings.retry_after_s)
-    except BaseException:
-        refund_credit(svc, key)
-        raise
-    svc.metrics.observe_sync(f"{canonical.family}/{canonical.model}", time.perf_counter() - started)
-    return stored
-
-
 async def all_bytes(svc: Services, stored: Stored) -> list[bytes]:
     """Every output's bytes (the worker hands over the first; the others are read back from the store)."""
     rest = [await run_in_threadpool(svc.store.read, a.kind, a.name) for a in stored.assets[1:]]
     return [stored.first_bytes, *rest]
-
-
-def enqueue(svc: Services, canonical: GenerationRequest, key: KeyRecord | None, *, dialect: dict[str, Any],
-            webhook: str | None = None, priority: Priority = Priority.NORMAL) -> Job:
-    """Queue a job whose payload remembers the door it came through (its results and webhooks are
-    shown in that door's shape); a metered key pays one credit."""
-    payload = to_payload(canonical, svc.store)
-    payload["dialect"] = dialect
-    if webhook is not None:
-        payload["webhook"] = webhook
-    job, _ = svc.broker.submit(payload, priority=priority, key_id=key.id if key else None,
-                               max_depth=svc.settings.queue_max_depth)
-    if key is not None and key.metered and not svc.keys.spend(key.id):
-        svc.broker.cancel(job.id)
-        raise ApiError(402, "insufficient_credits", "this API key has no credits left")
-    svc.worker.wake()
-    return job
 
 
 def output_names(job: Job) -> list[tuple[str, str]]:

@@ -25,12 +25,12 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.concurrency import run_in_threadpool
 
 from kiln.api.auth import authenticate, services
+from kiln.api.submit import run_now
 from kiln.api.dialects.common import (
     all_bytes,
     checked,
     documented_body,
     format_for_size,
-    generate_now,
     guarded,
     json_body,
     not_found,
@@ -187,7 +187,7 @@ async def _generate(request: Request, key, body: _Common, task: str, image: byte
         family=spec.family, model=spec.model, task=task, format=_format(svc, spec, body.size),
         prompt=body.prompt, seed=body.seed, image=image, mask=mask, num_outputs=body.n or 1, encoding=encoding,
     ))
-    stored = await generate_now(request, canonical, key)
+    stored = await run_now(request, canonical, key, label=f"{canonical.family}/{canonical.model}")
     if body.response_format == "b64_json":
         data = [{"b64_json": base64.b64encode(b).decode()} for b in await all_bytes(svc, stored)]
     else:

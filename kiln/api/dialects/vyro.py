@@ -22,10 +22,10 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 from kiln.api.auth import authenticate, bearer_token, services
+from kiln.api.submit import run_now
 from kiln.api.dialects.common import (
     checked,
     documented_body,
-    generate_now,
     guarded,
     not_found,
     parse,
@@ -141,7 +141,7 @@ async def generations(request: Request) -> Response:
         family=spec.family, model=spec.model, task="t2i", format=_format(svc, spec, body.aspect_ratio),
         prompt=body.prompt, seed=body.seed, encoding="png",
     ))
-    stored = await generate_now(request, canonical, key)
+    stored = await run_now(request, canonical, key, label=f"{canonical.family}/{canonical.model}")
     asset = stored.assets[0]
     return Response(stored.first_bytes, media_type=stored.media_type, headers={
         "Content-Location": absolute(svc, f"/{asset.kind}/{asset.name}"), "X-Seed": str(stored.result.seed),

@@ -36,10 +36,10 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.concurrency import run_in_threadpool
 
 from kiln.api.auth import count_request, identify, required_token, services
+from kiln.api.submit import queue_job
 from kiln.api.dialects.common import (
     checked,
     documented_body,
-    enqueue,
     format_for_size,
     guarded,
     image_input,
@@ -247,7 +247,7 @@ async def _submit(request: Request, version: str) -> Response:
     dialect = {"name": NAME, "version": version, "model": path, "base64": body.enable_base64_output}
     # a sync-mode caller waits on the connection: it goes ahead of jobs nobody is waiting on
     priority = Priority.HIGH if body.enable_sync_mode else Priority.NORMAL
-    job = enqueue(svc, canonical, key, dialect=dialect, webhook=webhook, priority=priority)
+    job = queue_job(svc, canonical, key, priority=priority, webhook=webhook, extra={"dialect": dialect})
     if key is not None:
         tasks.add(key.id, job.id)
     if body.enable_sync_mode:

@@ -4,28 +4,24 @@ from __future__ import annotations
 
 import hashlib
 import json
-import time
 from typing import Any
 
 from fastapi import APIRouter, Depends, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 
-from kiln.api.auth import authenticate, refund_credit, services, spend_credit
-from kiln.api.errors import ApiError
-from kiln.api.handoff import run_sync
+from kiln.api.auth import authenticate, services
 from kiln.api.jobs import absolute, job_json, own_job
 from kiln.api.requests import build_request
+from kiln.api.submit import queue_job, run_now
 from pydantic import ValidationError
 
 from kiln.api.schemas import GenerateBody, QueueBody
 from kiln.api.webhooks import checked_webhook, notify_terminal
 from kiln.catalog import ModelSpec
-from kiln.engine.request import GenerationRequest
 from kiln.errors import CapacityExhausted, InvalidParameters
 from kiln.keys import KeyRecord
 from kiln.queue import JobStatus, Priority
-from kiln.worker.payload import to_payload
 
 router = APIRouter()
 
@@ -87,8 +83,9 @@ async def submit(body: QueueBody, request: Request, key: KeyRecord | None = Depe
             raise InvalidParameters("webhooks are switched off on this server; poll GET /jobs/{id}")
         webhook = checked_webhook(body.webhook)
     canonical = await build_request(svc, body, spec, body.task, body.format)
-    return _enqueue(request, canonical, key, priority=body.priority, idempotency_key=body.idempotency_key,
-                    request_hash=_hash(body), charge=True, webhook=webhook)
+    job = queue_job(svc, canonical, key, priority=Priority(body.priority), idempotency_key=body.idempotency_key,
+                    request_hash=_hash(body), webhook=webhook)
+    return _accepted(svc, job)
 
 
 @router.get("/jobs/{job_id}", tags=["async"], responses={303: {"description": "complete: redirect to the output"}})
@@ -121,25 +118,12 @@ async def _sync(request: Request, modality: str, family: str, model: str, task: 
     svc = services(request)
     spec = _spec(request, modality, family, model)
     canonical = await build_request(svc, body, spec, task, fmt)
-    spend_credit(request, key)
-    started = time.perf_counter()
     try:
-        stored = await run_sync(
-            svc.worker, canonical, wait_s=svc.settings.sync_wait_s, retry_after=svc.settings.retry_after_s
-        )
+        stored = await run_now(request, canonical, key, label=spec.key)
     except CapacityExhausted:
         if "respond-async" in request.headers.get("prefer", "").lower():
-            try:
-                return _enqueue(request, canonical, key, priority="normal", charge=False)  # charged above
-            except BaseException:
-                refund_credit(svc, key)
-                raise
-        refund_credit(svc, key)
+            return _accepted(svc, queue_job(svc, canonical, key))  # refunded above, charged again here
         raise
-    except BaseException:
-        refund_credit(svc, key)  # nothing was made
-        raise
-    svc.metrics.observe_sync(spec.key, time.perf_counter() - started)
     asset = stored.assets[0]
     return Response(
         stored.first_bytes,
@@ -157,30 +141,8 @@ async def _sync(request: Request, modality: str, family: str, model: str, task: 
     )
 
 
-def _enqueue(request: Request, canonical: GenerationRequest, key: KeyRecord | None, *, priority: str,
-             idempotency_key: str | None = None, request_hash: str | None = None, charge: bool,
-             webhook: str | None = None) -> JSONResponse:
-    """Queue the job; with ``charge``, a new job costs one credit (the same idempotent request again
-    returns the existing job at no cost, even with no credit left)."""
-    svc = services(request)
-    payload = to_payload(canonical, svc.store)
-    if webhook is not None:
-        payload["webhook"] = webhook
-    job, created = svc.broker.submit(
-        payload,
-        priority=Priority(priority),
-        key_id=key.id if key else None,
-        idempotency_key=idempotency_key,
-        request_hash=request_hash,
-        max_depth=svc.settings.queue_max_depth,
-    )
-    if created and charge and key is not None and key.metered and not svc.keys.spend(key.id):
-        svc.broker.cancel(job.id)
-        raise ApiError(402, "insufficient_credits", "this API key has no credits left")
-    if created:
-        svc.worker.wake()
-    body = job_json(svc, job)
-    return JSONResponse(body, status_code=202, headers={"Location": absolute(svc, f"/jobs/{job.id}")})
+def _accepted(svc, job) -> JSONResponse:
+    return JSONResponse(job_json(svc, job), status_code=202, headers={"Location": absolute(svc, f"/jobs/{job.id}")})
 
 
 def _spec(request: Request, modality: str, family: str, model: str) -> ModelSpec:
