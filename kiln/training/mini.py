@@ -34,7 +34,7 @@ Choices, and why:
   shapes, counts and positions the world needs.
 - **Transformer**: ``FluxTransformer2DModel`` (2 double + 4 single blocks, width 128, no guidance
   embedding, like schnell), rectified flow (target = noise - data), timesteps from a logit-normal
-  mixed with uniform, 10% empty captions (which the model learns as "anything": the catalog uses it
+  mixed with uniform and shifted toward noise as the sampler's schedule is, 10% empty captions (which the model learns as "anything": the catalog uses it
   for true classifier-free guidance), and an EMA of the weights. The loss weighs each latent pixel
   by how far it is from the image's background (up to 5x): shapes are a few pixels of a mostly flat
   latent, and unweighted the model learns backgrounds long before it learns what stands on them.
@@ -71,6 +71,7 @@ VAE_WIDTH = 32
 VAE_LATENT_NOISE = 0.1
 TRANSFORMER_LR = 1e-3
 SHAPE_WEIGHT = 4.0
+SAMPLER_SHIFT = 2.0  # the scheduler's static timestep shift, which training follows
 
 # (width, height) of the token grids the transformer trains on, with their share of the batches and
 # the batch size that keeps every batch about the same cost.
@@ -180,7 +181,7 @@ def build_transformer():
 def build_scheduler():
     from diffusers import FlowMatchEulerDiscreteScheduler
 
-    return FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=2.0, use_dynamic_shifting=False)
+    return FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=SAMPLER_SHIFT, use_dynamic_shifting=False)
 
 
 def params(module) -> int:
@@ -325,11 +326,15 @@ class Conditioner:
 
 
 def sample_sigmas(n: int, gen: torch.Generator) -> torch.Tensor:
-    """Logit-normal (most weight mid-way, as SD3 trains) mixed with a quarter uniform (the ends too)."""
+    """Logit-normal (most weight mid-way, as SD3 trains) mixed with a quarter uniform (the ends too),
+    then shifted toward noise by the sampler's own shift: where a picture's layout is decided, and
+    where the scheduler spends most of its steps."""
     logit = torch.sigmoid(torch.randn(n, generator=gen))
     uniform = torch.rand(n, generator=gen)
     pick = torch.rand(n, generator=gen) < 0.25
-    return torch.where(pick, uniform, logit).clamp(1e-3, 1.0)
+    sigma = torch.where(pick, uniform, logit)
+    sigma = SAMPLER_SHIFT * sigma / (1 + (SAMPLER_SHIFT - 1) * sigma)
+    return sigma.clamp(1e-3, 1.0)
 
 
 def flow_loss(transformer, cond: Conditioner, latents: torch.Tensor, captions: list[str],

@@ -25,7 +25,6 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.concurrency import run_in_threadpool
 
 from kiln.api.auth import authenticate, services
-from kiln.api.submit import run_now
 from kiln.api.dialects.common import (
     all_bytes,
     checked,
@@ -40,6 +39,7 @@ from kiln.api.dialects.common import (
 from kiln.api.errors import ApiError, status_of
 from kiln.api.jobs import absolute
 from kiln.api.services import Services
+from kiln.api.submit import run_now
 from kiln.catalog import ModelSpec
 from kiln.engine.request import (
     MAX_OUTPUTS,

@@ -22,7 +22,6 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 from kiln.api.auth import authenticate, bearer_token, services
-from kiln.api.submit import run_now
 from kiln.api.dialects.common import (
     checked,
     documented_body,
@@ -34,6 +33,7 @@ from kiln.api.dialects.common import (
 from kiln.api.errors import ApiError
 from kiln.api.jobs import absolute
 from kiln.api.services import Services
+from kiln.api.submit import run_now
 from kiln.catalog import ModelSpec
 from kiln.engine.request import MAX_PROMPT_CHARS, MAX_SEED, GenerationRequest
 from kiln.errors import (

@@ -36,7 +36,6 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.concurrency import run_in_threadpool
 
 from kiln.api.auth import count_request, identify, required_token, services
-from kiln.api.submit import queue_job
 from kiln.api.dialects.common import (
     checked,
     documented_body,
@@ -51,6 +50,7 @@ from kiln.api.dialects.common import (
 from kiln.api.errors import ApiError, status_of
 from kiln.api.jobs import absolute, own_job
 from kiln.api.services import Services
+from kiln.api.submit import queue_job
 from kiln.api.webhooks import checked_webhook
 from kiln.engine.request import MAX_PROMPT_CHARS, MAX_SEED, GenerationRequest
 from kiln.errors import InvalidImage, InvalidParameters, KilnError
