@@ -69,3 +69,37 @@ class StalledWorker:
 
     def stop(self):
         pass
+
+
+class Receiver:
+    """A webhook receiver on 127.0.0.1 that answers 500 to the first ``fail_first`` posts, then 204,
+    and keeps what it got (headers, body, status)."""
+
+    def __init__(self, fail_first: int = 1) -> None:
+        import http.server
+        import threading
+
+        self.calls: list[tuple[dict, bytes, int]] = []
+        self.done = threading.Event()
+        outer = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_POST(self):  # noqa: N802 - http.server's naming
+                body = self.rfile.read(int(self.headers["Content-Length"]))
+                status = 500 if len(outer.calls) < fail_first else 204
+                outer.calls.append(({k.lower(): v for k, v in self.headers.items()}, body, status))
+                self.send_response(status)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+                if status == 204:
+                    outer.done.set()
+
+            def log_message(self, *args):
+                pass
+
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/hook"
+
+    def close(self):
+        self.httpd.shutdown()

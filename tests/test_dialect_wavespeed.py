@@ -3,16 +3,14 @@
 from __future__ import annotations
 
 import base64
-import http.server
 import io
 import json
 import re
-import threading
 
 import pytest
 from PIL import Image
 
-from api_helpers import StalledWorker, running_server
+from api_helpers import Receiver, StalledWorker, running_server
 from helpers import mask_png, png
 
 pytestmark = pytest.mark.slow
@@ -244,41 +242,17 @@ def test_credits(idle):
     assert r.status_code == 402 and r.json()["code"] == 402
 
 
-class Receiver:
-    """Collects webhook posts on 127.0.0.1."""
-
-    def __init__(self) -> None:
-        self.bodies: list[dict] = []
-        self.done = threading.Event()
-        outer = self
-
-        class Handler(http.server.BaseHTTPRequestHandler):
-            def do_POST(self):
-                outer.bodies.append(json.loads(self.rfile.read(int(self.headers["Content-Length"]))))
-                self.send_response(204)
-                self.send_header("Content-Length", "0")
-                self.end_headers()
-                outer.done.set()
-
-            def log_message(self, *args):
-                pass
-
-        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/hook"
-
-
 def test_webhook_gets_the_finished_task(tmp_path, engine):
-    receiver = Receiver()
+    receiver = Receiver(fail_first=0)
     try:
         with running_server(tmp_path, engine, allow_private_fetch=True) as srv:
             r = srv.client.post(f"/api/v2/{MINI}", params={"webhook": receiver.url}, json=FAST, headers=srv.auth)
             assert r.status_code == 200, r.text
             assert receiver.done.wait(60)
-            (sent,) = receiver.bodies
+            (sent,) = [json.loads(body) for _, body, _ in receiver.calls]
             assert sent["code"] == 200 and sent["data"]["id"] == r.json()["data"]["id"]
             check_task(sent["data"], "v2", status="completed")
             bad = srv.client.post(f"/api/v3/{MINI}", params={"webhook": "ftp://x/y"}, json=FAST, headers=srv.auth)
             assert bad.status_code == 400 and "webhook" in bad.json()["message"]
     finally:
-        receiver.httpd.shutdown()
+        receiver.close()
