@@ -80,6 +80,21 @@ class PromptFiltered(UserError):
     code = "prompt_filtered"
 
 
+class NsfwDetected(UserError):
+    """The image safety classifier flagged an output; nothing flagged is stored or returned.
+
+    A user error like :class:`PromptFiltered`: the same prompt and seed give the same pixels again.
+    """
+
+    code = "nsfw_detected"
+
+
+class InvalidLora(InvalidParameters):
+    """A LoRA adapter that cannot be used: not a safetensors file, not for this model, not reachable."""
+
+    code = "invalid_parameters"
+
+
 class InvalidImage(UserError):
     """An input image or mask could not be read, or does not fit the request."""
 
@@ -130,6 +145,21 @@ class ModelLoadFailed(UnavailableError):
     code = "model_load_failed"
 
 
+class QueueUnavailable(UnavailableError):
+    """The job queue's server (Redis) cannot be reached; the message names where, never a password."""
+
+    code = "queue_unavailable"
+
+
+class StorageUnavailable(UnavailableError):
+    """The asset store cannot be reached or refuses access (S3 endpoint down, bad credentials, no bucket).
+
+    The message names the endpoint and bucket and the reason, never a credential.
+    """
+
+    code = "storage_unavailable"
+
+
 # --- the work did not finish ----------------------------------------------------------------------
 
 
@@ -171,3 +201,14 @@ class InvalidAssetName(AssetNotFound):
     """
 
     code = "not_found"
+
+
+# --- the queue (worker side, never a request) -----------------------------------------------------
+
+
+class LeaseLost(KilnError):
+    """A worker acted on a job with a lease that is no longer the job's: the job was handed to another
+    worker after this one stopped heartbeating, or it already finished. Nothing was changed; the
+    worker drops what it has and moves on (someone else owns the job now)."""
+
+    code = "lease_lost"

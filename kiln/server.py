@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import os
+import socket
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -15,11 +17,13 @@ from kiln.api.services import Services
 from kiln.api.webhooks import address_check, notify_terminal
 from kiln.catalog import load_catalog
 from kiln.engine import Engine
+from kiln.engine.safety import load_safety_checker
 from kiln.keys import KeyStore
+from kiln.loras import LoraStore
 from kiln.maintenance import Janitor
-from kiln.queue import SqliteBroker
-from kiln.settings import Settings
-from kiln.storage import LocalAssetStore, WriteBehindStore
+from kiln.queue import Broker, SqliteBroker
+from kiln.settings import Settings, SettingsError
+from kiln.storage import AssetStore, LocalAssetStore, WriteBehindStore
 from kiln.webhooks import DEFAULT_SCHEDULE, GIVE_UP_AFTER, Dispatcher, Outbox
 from kiln.worker import Worker
 
@@ -69,14 +73,24 @@ def build_runtime(
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     catalog = engine.catalog if engine is not None else load_catalog(settings.catalog)
     engine = engine or Engine(catalog)
-    broker = SqliteBroker(settings.database, aging_seconds=settings.aging_s)
-    store = WriteBehindStore(LocalAssetStore(settings.assets_dir))  # sync outputs land after the response
+    # loaded first, so a bad safety_checker stops start-up (before any file is opened), never a request
+    safety = None
+    if worker is None and settings.safety_checker:
+        safety = load_safety_checker(settings.safety_checker, device=engine.device)
+    broker = make_broker(settings)
+    store = build_store(settings)
     keys = KeyStore(settings.database)
     outbox = Outbox(settings.database, schedule=webhook_schedule)
-    worker = worker or Worker(engine, broker, store, preload=(catalog.default_model,), warmup=settings.warmup)
+    if worker is None:
+        worker = Worker(engine, broker, store, preload=(catalog.default_model,), warmup=settings.warmup,
+                        worker_id=f"{socket.gethostname()}:{os.getpid()}" if settings.redis_url else "local",
+                        safety=safety, safety_default=settings.safety_checker_default)
+    loras = LoraStore(settings.loras_dir, max_bytes=settings.lora_cache_bytes)
+    if hasattr(worker, "loras"):
+        worker.loras = loras  # the worker's engine loads the adapters the API side cached
     services = Services(
         settings=settings, catalog=catalog, broker=broker, store=store, keys=keys, worker=worker,
-        validate=engine.plan, outbox=outbox,
+        validate=engine.plan, outbox=outbox, loras=loras,
     )
 
     def secret_for(key_id: str) -> str | None:
@@ -90,6 +104,7 @@ def build_runtime(
         notify_terminal(services, job)
 
     worker.on_terminal = on_terminal
+    broker.on_lost = on_terminal  # jobs failed as worker_lost by recovery or a takeover
     def inputs_in_use() -> list[str]:
         return [
             name
@@ -100,6 +115,46 @@ def build_runtime(
 
     janitor = Janitor(store, upload_ttl_s=settings.upload_ttl_s, in_use=inputs_in_use)
     return Runtime(services, worker, dispatcher, janitor)
+
+
+def build_store(settings: Settings) -> AssetStore:
+    """The asset store the settings name: the S3-compatible bucket ``s3_bucket`` if set, else the folder
+    ``data_dir/assets``; either behind write-behind, so sync outputs land after the response.
+
+    An S3 bucket is checked first (HEAD bucket): one that cannot be reached stops start-up with
+    :class:`~kiln.errors.StorageUnavailable` naming the endpoint, the bucket and the reason.
+    """
+    if not settings.s3_bucket:
+        return WriteBehindStore(LocalAssetStore(settings.assets_dir))
+    from kiln.storage.s3 import S3AssetStore  # boto3 is imported only by servers that use it
+
+    secret = settings.s3_secret_key.get_secret_value() if settings.s3_secret_key else None
+    inner = S3AssetStore(
+        settings.s3_bucket, endpoint_url=settings.s3_endpoint_url, region=settings.s3_region,
+        access_key=settings.s3_access_key, secret_key=secret, prefix=settings.s3_prefix,
+    )
+    try:
+        inner.check()
+    except BaseException:
+        inner.close()
+        raise
+    log.info("assets in %s", inner.where)
+    return WriteBehindStore(inner)
+
+
+def make_broker(settings: Settings) -> Broker:
+    """The embedded SQLite broker, or the Redis one when ``redis_url`` is set."""
+    if settings.redis_url:
+        from kiln.queue.redis import RedisBroker
+
+        broker = RedisBroker(settings.redis_url, aging_seconds=settings.aging_s, lease_s=settings.lease_s,
+                             max_attempts=settings.job_max_attempts)
+        try:
+            broker.check()  # a wrong URL stops start-up, not the first request
+        except RuntimeError as exc:
+            raise SettingsError(f"redis_url (Redis at {broker.where}): {exc}") from exc
+        return broker
+    return SqliteBroker(settings.database, aging_seconds=settings.aging_s, max_attempts=settings.job_max_attempts)
 
 
 def build_app(settings: Settings, *, engine: Engine | None = None) -> FastAPI:

@@ -12,7 +12,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
 
 from kiln.errors import KilnError
 
@@ -36,6 +36,12 @@ class Settings(BaseModel):
     retry_after_s: int = Field(default=5, ge=1, le=3600, description="Retry-After sent with 503 capacity_exhausted")
     queue_max_depth: int = Field(default=1000, ge=1)
     aging_s: float = Field(default=60.0, gt=0.0, description="a queued job competes one priority higher per this wait")
+    redis_url: str | None = Field(default=None, description="redis://host:6379/0: queue jobs in Redis (scale-out), "
+                                                            "not in the embedded SQLite file")
+    lease_s: float = Field(default=30.0, gt=0.0, le=3600.0,
+                           description="with Redis: a worker silent this long loses its job to another worker")
+    job_max_attempts: int = Field(default=3, ge=1, le=100,
+                                  description="a job whose worker dies this many times ends failed (worker_lost)")
     default_rate_per_min: int = Field(default=100, ge=1)
     # the WaveSpeed-style door (/api/v2, /api/v3) has its reference's limits, per key
     wavespeed_rate_per_min: int = Field(default=120, ge=1, description="WaveSpeed-style requests per key per minute")
@@ -44,9 +50,71 @@ class Settings(BaseModel):
                                          description="how long enable_sync_mode waits before answering with the task as it is")
     max_upload_bytes: int = Field(default=20 * 2**20, ge=1024)
     allow_private_fetch: bool = Field(default=False, description="let image URLs point at private addresses")
+    lora_max_bytes: int = Field(default=2 * 2**30, ge=1024, description="largest LoRA file fetched")
+    lora_cache_bytes: int = Field(default=20 * 2**30, ge=1024, description="LoRA files kept on disk, least recently used evicted")
+    lora_fetch_timeout_s: float = Field(default=300.0, gt=0.0, le=3600.0, description="time to download one LoRA")
+    hf_endpoint: str = Field(default="https://huggingface.co", description="where a LoRA named by Hugging Face repo id is fetched")
     prompt_filter_file: Path | None = Field(default=None, description="regular expressions, one per line; a match is 403")
+    safety_checker: str | None = Field(
+        default=None, max_length=1024,
+        description="image safety classifier: a Stable Diffusion safety checker directory, or its hub id in the "
+                    "Hugging Face cache (empty: no classifier)",
+    )
+    safety_checker_default: bool = Field(
+        default=True, description="run the classifier for requests that do not say (with safety_checker set)"
+    )
     upload_ttl_s: float = Field(default=24 * 3600.0, gt=0.0, description="uploads are deleted after this long")
+    # assets on S3-compatible storage (unset bucket: the folder data_dir/assets); unset credentials,
+    # region and endpoint fall back to boto3's default chain (AWS_ACCESS_KEY_ID, AWS_DEFAULT_REGION, ...)
+    s3_bucket: str | None = Field(default=None, description="keep assets in this S3-compatible bucket")
+    s3_endpoint_url: str | None = Field(default=None, description="S3 API endpoint (MinIO, R2, ...); unset: AWS")
+    s3_region: str | None = None
+    s3_access_key: str | None = None
+    s3_secret_key: SecretStr | None = Field(default=None, description="never logged or shown")
+    s3_prefix: str = Field(default="", description="key prefix inside the bucket, e.g. kiln/")
     warmup: bool = Field(default=True, description="run the default model once at start, before /readyz says ready")
+
+    @field_validator("hf_endpoint")
+    @classmethod
+    def _endpoint(cls, value: str) -> str:
+        if not value.startswith(("http://", "https://")):
+            raise ValueError("must start with http:// or https://")
+        return value.rstrip("/")
+
+    @field_validator("s3_endpoint_url")
+    @classmethod
+    def _s3_endpoint(cls, value: str | None) -> str | None:
+        if not value:
+            return None
+        if not value.startswith(("http://", "https://")):
+            raise ValueError("must start with http:// or https://")
+        return value.rstrip("/")
+
+    @field_validator("s3_bucket", "s3_region", "s3_access_key")
+    @classmethod
+    def _empty_is_unset(cls, value: str | None) -> str | None:
+        return (value or "").strip() or None
+
+    @field_validator("s3_secret_key", mode="before")
+    @classmethod
+    def _empty_secret_is_unset(cls, value: object) -> object:
+        return None if isinstance(value, str) and not value.strip() else value
+
+    @model_validator(mode="after")
+    def _s3_credentials(self) -> Settings:
+        if (self.s3_access_key is None) != (self.s3_secret_key is None):
+            raise ValueError(
+                "s3_access_key and s3_secret_key go together: set both, or neither to use the AWS environment"
+            )
+        return self
+
+    @field_validator("redis_url")
+    @classmethod
+    def _redis_url(cls, value: str | None) -> str | None:
+        value = (value or "").strip() or None
+        if value is not None and not value.startswith(("redis://", "rediss://", "unix://")):
+            raise ValueError("must start with redis://, rediss:// or unix://")
+        return value
 
     @field_validator("public_url")
     @classmethod
@@ -57,6 +125,14 @@ class Settings(BaseModel):
             raise ValueError("must start with http:// or https://")
         return value.rstrip("/")
 
+    @field_validator("safety_checker")
+    @classmethod
+    def _safety_checker(cls, value: str | None) -> str | None:
+        value = (value or "").strip() or None
+        if value is not None and value.startswith(("/", "./", "../", "~")) and not Path(value).expanduser().is_dir():
+            raise ValueError(f"no directory {value}")
+        return value
+
     @property
     def database(self) -> Path:
         return self.data_dir / "kiln.db"
@@ -64,6 +140,10 @@ class Settings(BaseModel):
     @property
     def assets_dir(self) -> Path:
         return self.data_dir / "assets"
+
+    @property
+    def loras_dir(self) -> Path:
+        return self.data_dir / "loras"
 
     def base_url(self) -> str:
         """Where clients reach this server: ``public_url``, else the bound address (a wildcard bind

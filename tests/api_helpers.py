@@ -71,6 +71,16 @@ class StalledWorker:
         pass
 
 
+def serve(handler):
+    """An HTTP server on a free 127.0.0.1 port, in a daemon thread: (server, its base URL)."""
+    import http.server
+    import threading
+
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    return httpd, f"http://127.0.0.1:{httpd.server_address[1]}"
+
+
 class Receiver:
     """A webhook receiver on 127.0.0.1 that answers 500 to the first ``fail_first`` posts, then 204,
     and keeps what it got (headers, body, status)."""
@@ -97,9 +107,35 @@ class Receiver:
             def log_message(self, *args):
                 pass
 
-        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/hook"
+        self.httpd, base = serve(Handler)
+        self.url = f"{base}/hook"
+
+    def close(self):
+        self.httpd.shutdown()
+
+
+class FileServer:
+    """Serves ``files`` (path -> bytes) on 127.0.0.1 and counts the requests per path."""
+
+    def __init__(self, files: dict[str, bytes]) -> None:
+        import http.server
+
+        self.files, self.hits = files, {}
+        outer = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self):  # noqa: N802 - http.server's naming
+                outer.hits[self.path] = outer.hits.get(self.path, 0) + 1
+                body = outer.files.get(self.path)
+                self.send_response(200 if body is not None else 404)
+                self.send_header("Content-Length", str(len(body or b"")))
+                self.end_headers()
+                self.wfile.write(body or b"")
+
+            def log_message(self, *args):
+                pass
+
+        self.httpd, self.url = serve(Handler)
 
     def close(self):
         self.httpd.shutdown()

@@ -10,6 +10,8 @@ import pytest
 from kiln.engine import Engine
 from kiln.testing.catalog import toy_catalog, write_toy_catalog
 from kiln.testing.toys import build_toys
+from redis_fixtures import durable_redis, redis_server, redis_url  # noqa: F401  (fixtures)
+from s3_fixtures import bucket, s3_client, s3_endpoint  # noqa: F401  (fixtures)
 
 
 @pytest.fixture(scope="session")

@@ -171,6 +171,10 @@ def test_models_and_aliases(server):
     models = server.client.get("/models", headers=server.auth).json()["models"]
     schnell = next(m for m in models if m["model"] == "schnell")
     assert schnell["info"]["fixed_steps"] == 4 and schnell["backends"] == ["torch"] and schnell["status"] == "active"
+    assert (schnell["info"]["loras"], schnell["info"]["negative_prompt"]) == (False, False)
+    assert "distilled" in schnell["info"]["lora_refusal"] and schnell["info"]["size_range"] == [256, 2048]
+    dev = next(m for m in models if m["model"] == "dev")
+    assert (dev["info"]["loras"], dev["info"]["negative_prompt"]) == (True, True) and "lora_refusal" not in dev["info"]
     assert {m["modality"] for m in server.client.get("/models?modality=video", headers=server.auth).json()["models"]} == {"video"}
     assert {m["family"] for m in server.client.get("/models?family=zimage", headers=server.auth).json()["models"]} == {"zimage"}
     aliases = server.client.get("/models/aliases", headers=server.auth).json()
@@ -613,9 +617,9 @@ def test_sigterm_hands_a_long_job_back_to_the_queue(tmp_path, engine):
     started = _threading.Event()
     original = broker.report_progress
 
-    def report(job_id, step, total):
+    def report(job_id, step, total, **kwargs):
         started.set()
-        return original(job_id, step, total)
+        return original(job_id, step, total, **kwargs)
 
     broker.report_progress = report
     job, _ = broker.submit(to_payload(request, store))

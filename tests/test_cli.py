@@ -70,7 +70,26 @@ def test_generate_i2i_from_a_file(catalog_file, tmp_path):
         assert img.format == "JPEG" and img.size == (64, 64)
 
 
+PASTEL = "kiln/weights/flux-mini/lora/pastel/pastel.safetensors"
+
+
+@pytest.mark.slow
+def test_generate_with_a_local_lora_and_its_weight(catalog_file, tmp_path):
+    def pixels(*extra):
+        out = tmp_path / f"out{len(extra)}{'-'.join(extra).replace('/', '_')}.png"
+        assert main(["--catalog", str(catalog_file), "generate", "a red circle on blue", "-m", "flux/mini", "-f", "toy-64",
+                     "--seed", "3", "-o", str(out), "-q", *extra]) == 0
+        with Image.open(out) as img:
+            return img.tobytes()
+
+    plain, full, half = pixels(), pixels("--lora", PASTEL), pixels("--lora", f"{PASTEL}:0.5")
+    assert len({plain, full, half}) == 3 and pixels("--lora", f"{PASTEL}:0") == plain
+
+
 @pytest.mark.parametrize(("args", "message"), [
+    (["--lora", "/nonexistent.safetensors"], "cannot read /nonexistent.safetensors"),
+    (["--lora", "pyproject.toml"], "not a safetensors file"),
+    (["--model", "flux/schnell", "--steps", "4", "--lora", PASTEL], "does not take LoRAs"),
     (["--steps", "99"], "steps must be between 15 and 50"),
     (["--seed", "4294967296"], "seed"),
     (["--sampler", "ddim"], "unknown sampler"),

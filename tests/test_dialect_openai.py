@@ -112,8 +112,16 @@ def test_models(client):
     assert info.value.body["code"] == "model_not_found"
 
 
+def test_a_size_that_is_no_format_comes_back_exactly_that_size(client):
+    result = client.images.generate(model="flux/mini", prompt=PROMPT, size="320x256", response_format="b64_json",
+                                    extra_body={"seed": 3})
+    assert result.size == "320x256"
+    assert pixels(base64.b64decode(result.data[0].b64_json))[:2] == ("PNG", (320, 256))
+
+
 @pytest.mark.parametrize(("kwargs", "param", "code"), [
-    ({"size": "300x300"}, "size", "unsupported_format"),
+    ({"size": "2048x2048"}, "size", "unsupported_format"),  # past flux/mini's sizes (256-1024 a side)
+    ({"size": "255x512"}, "size", "unsupported_format"),
     ({"size": "big"}, "size", "unsupported_format"),
     ({"n": 5}, "n", "invalid_parameters"),
     ({"quality": "hd"}, "quality", "invalid_parameters"),

@@ -79,6 +79,23 @@ def test_styles_and_aspect_ratios_map_through_the_catalog(tmp_path, engine, styl
     assert (request.model, request.format, request.encoding, request.task) == (model, fmt, "png", "t2i")
 
 
+@pytest.mark.parametrize(("style", "ratio", "size"), [
+    ("flux-mini", "3:2", (624, 416)), ("flux-mini", "2:3", (416, 624)), ("flux-mini", "21:9", (784, 336)),
+    ("flux-dev", "21:9", (1568, 672)), ("flux-dev", "42:18", (1568, 672)), ("flux-mini", " 5 : 4 ", (576, 464)),
+])
+def test_other_ratios_get_a_pixel_size_of_that_shape(tmp_path, engine, style, ratio, size):
+    worker = RecordingWorker(errors.GenerationError("the generation failed"))
+    with running_server(tmp_path, engine, worker=worker) as srv:
+        generate(srv, prompt=PROMPT, style=style, aspect_ratio=ratio)
+    (request,) = worker.requests
+    assert (request.format, (request.width, request.height)) == (None, size)
+
+
+def test_an_other_ratio_comes_back_exactly_that_size(server):
+    r = generate(server, prompt=PROMPT, style="flux-mini", aspect_ratio="3:2", seed=1)
+    assert r.status_code == 200 and Image.open(io.BytesIO(r.content)).size == (624, 416)
+
+
 @pytest.mark.parametrize(("exc", "status", "code", "name"), [
     (errors.GenerationError("the generation failed"), 500, 1205, "InternalServiceError"),
     (errors.OutOfMemory("out of memory"), 500, 1205, "InternalServiceError"),
@@ -117,7 +134,9 @@ def test_a_request_that_waits_too_long_is_1204(tmp_path, engine):
     ({"style": "flux-mini"}, "prompt"),
     ({"prompt": PROMPT}, "style"),
     ({"prompt": PROMPT, "style": "watercolour"}, "unknown style"),
-    ({"prompt": PROMPT, "style": "flux-mini", "aspect_ratio": "2:1"}, "aspect_ratio must be one of 1:1"),
+    ({"prompt": PROMPT, "style": "flux-mini", "aspect_ratio": "5:1"}, "aspect_ratio must be one of 1:1"),
+    ({"prompt": PROMPT, "style": "flux-mini", "aspect_ratio": "wide"}, "aspect_ratio is WIDTH:HEIGHT"),
+    ({"prompt": PROMPT, "style": "flux-mini", "aspect_ratio": "0:1"}, "aspect_ratio is WIDTH:HEIGHT"),
     ({"prompt": PROMPT, "style": "flux-mini", "seed": "abc"}, "seed"),
     ({"prompt": PROMPT, "style": "flux-mini", "seed": "-1"}, "seed"),
     ({"prompt": PROMPT, "style": "flux-mini", "colour": "red"}, "colour"),

@@ -105,12 +105,24 @@ def test_image_to_image_and_edit(server):
     assert submit(server, **FAST, image="", strength=0.8, enable_sync_mode=True).json()["data"]["status"] == "completed"
 
 
+@pytest.mark.parametrize(("version", "size"), [("v3", "640*384"), ("v3", "256*1000"), ("v2", "1024*768")])
+def test_any_size_in_the_models_range(server, version, size):
+    """Not only the catalog's formats: any WIDTH*HEIGHT the version and the model's ``sizes`` allow,
+    exactly that size (generated at the architecture's multiple and centre-cropped)."""
+    r = submit(server, version=version, **{**FAST, "size": size}, enable_sync_mode=True, output_format="png")
+    assert r.status_code == 200 and r.json()["data"]["status"] == "completed", r.text
+    url = r.json()["data"]["outputs"][0]
+    cdn = server.client.get(url.removeprefix("http://127.0.0.1:8080"))
+    assert image_of(cdn.content).size == tuple(int(side) for side in size.split("*"))
+
+
 @pytest.mark.parametrize(("version", "body", "status", "words"), [
     ("v3", {"size": "1024x1024"}, 400, "WIDTH*HEIGHT"),
     ("v3", {"size": "128*512"}, 400, "256 to 1536"),
     ("v2", {"size": "256*256"}, 400, "512 to 1536"),
-    ("v3", {"size": "256*256"}, 400, "not offered"),
-    ("v3", {"size": "1536*1536"}, 400, "sizes: 512*512"),
+    ("v3", {"size": "1536*1536"}, 400, "not offered"),  # v3 allows it; flux/mini's sizes stop at 1024
+    ("v3", {"size": "1536*1024"}, 400, "sizes: 512*512, 1024*1024"),
+    ("v3", {"size": "1536*1024"}, 400, "or each side 256 to 1024"),
     ("v3", {"num_images": 5}, 400, "num_images"),
     ("v3", {"num_images": 0}, 400, "num_images"),
     ("v3", {"num_inference_steps": 51}, 400, "num_inference_steps"),
@@ -122,7 +134,7 @@ def test_image_to_image_and_edit(server):
     ("v3", {"seed": 2_147_483_648}, 400, "seed"),
     ("v3", {"loras": [{"path": "a/b", "scale": 1}] * 4}, 400, "loras"),
     ("v2", {"loras": [{"path": "a/b", "scale": 1}] * 6}, 400, "loras"),
-    ("v2", {"loras": [{"path": "a/b", "scale": 1}]}, 400, "not available"),
+    ("v2", {"loras": [{"path": "not a repo", "scale": 1}]}, 400, "Hugging Face repo id"),
     ("v3", {"loras": [{"path": "a/b", "scale": 4.5}]}, 400, "scale"),
     ("v3", {"loras": [{"path": "a/b"}]}, 400, "scale"),
     ("v3", {"output_format": "gif"}, 400, "output_format"),
@@ -183,9 +195,11 @@ def test_model_paths_come_from_the_catalog(idle):
     # the reference's flux-dev defaults, from [dialects.wavespeed] in the catalog
     assert (request["family"], request["model"], request["steps"], request["guidance"]) == ("flux", "dev", 28, 5.0)
     assert (request["format"], request["encoding"], request["task"]) == ("512", "jpeg", "t2i")
-    # a three-part path resolves too: the error is about the size, not the model
-    r = submit(idle, path="wavespeed-ai/z-image/turbo", prompt="a red circle", size="256*256")
-    assert r.status_code == 400 and "not offered" in r.json()["message"]
+    # a three-part path resolves too; a size that is no format goes as pixels when the model takes it
+    r = submit(idle, path="wavespeed-ai/z-image/turbo", prompt="a red circle", size="1280*256")
+    assert r.status_code == 200, r.text
+    request = idle.services.broker.get(r.json()["data"]["id"]).payload["request"]
+    assert (request["model"], request.get("format"), request["width"], request["height"]) == ("turbo", None, 1280, 256)
 
 
 def test_sync_mode_answers_the_task_as_it_is_when_the_wait_runs_out(idle):
@@ -234,6 +248,20 @@ def test_defaults_are_the_references():
 
     settings = Settings()
     assert (settings.wavespeed_rate_per_min, settings.wavespeed_max_concurrent) == (120, 20)
+
+
+@pytest.mark.parametrize(("version", "strength"), [("v2", 0.6), ("v3", 0.8)])
+def test_parameter_defaults_are_each_versions(idle, version, strength):
+    """Left out: size 1024*1024, seed -1 (random: drawn when the task runs), strength per version,
+    jpeg, one image."""
+    image = base64.b64encode(png(64, 64)).decode()
+    r = submit(idle, version=version, prompt="a red circle on a blue background", image=image)
+    assert r.status_code == 200, r.text
+    request = idle.services.broker.get(r.json()["data"]["id"]).payload["request"]
+    assert (request["format"], request["strength"], request["encoding"], request["num_outputs"]) == ("1024", strength, "jpeg", 1)
+    assert "seed" not in request
+    r = submit(idle, version=version, prompt="a red circle on a blue background", seed=-1)
+    assert "seed" not in idle.services.broker.get(r.json()["data"]["id"]).payload["request"]
 
 
 def test_credits(idle):

@@ -57,6 +57,10 @@ def test_zimage_ignores_guidance_as_documented(default_catalog):
     (dict(model="dev2", task="edit"), UnsupportedTask, "t2i, i2i"),
     (dict(format="2048"), UnsupportedFormat, "'2048'.*1024"),
     (dict(format="720p"), UnsupportedFormat, "720p"),
+    (dict(format=None, width=2050, height=1024), UnsupportedFormat, "each side from 256 to 2048"),
+    (dict(format=None, width=200, height=1024), UnsupportedFormat, "each side from 256 to 2048"),
+    (dict(format=None, family="wan", model="default", task="t2v", width=640, height=480), UnsupportedFormat,
+     "only the sizes of its formats .*1280x720"),
     (dict(steps=10), InvalidParameters, "between 15 and 50"),
     (dict(steps=51), InvalidParameters, "between 15 and 50"),
     (dict(model="schnell", steps=8), InvalidParameters, "always runs 4 steps"),
@@ -71,7 +75,8 @@ def test_zimage_ignores_guidance_as_documented(default_catalog):
     (dict(prompt=""), InvalidPrompt, "required"),
     (dict(prompt="  a "), InvalidPrompt, "too short"),
     (dict(strength=0.5), InvalidParameters, "strength does not apply"),
-    (dict(negative_prompt="blurry"), InvalidParameters, "negative prompt"),
+    (dict(model="schnell", steps=4, negative_prompt="blurry"), InvalidParameters,
+     "does not use a negative prompt.*a model that does: flux/dev, wan/default, flux/mini"),
     (dict(duration=2.0), InvalidParameters, "duration applies to video"),
     (dict(image=png()), InvalidParameters, "t2i takes no input image; use i2i"),
     (dict(task="i2i"), InvalidImage, "needs an input image"),
@@ -241,3 +246,23 @@ def test_generation_size_is_rounded_up_to_the_architecture_multiple(default_cata
     assert (plan.width, plan.height, plan.gen_width, plan.gen_height) == (1280, 720, 1280, 736)
     plan = plan_request(req(format="landscape-wide"), default_catalog)
     assert (plan.gen_width, plan.gen_height) == (1024, 576)
+
+
+def test_a_pixel_size_in_the_models_range_is_generated_at_the_multiple_and_cropped(default_catalog):
+    plan = plan_request(req(format=None, width=1000, height=600), default_catalog)
+    assert (plan.width, plan.height, plan.gen_width, plan.gen_height) == (1000, 600, 1008, 608)
+    assert plan_request(req(format=None), default_catalog).width == 1024  # neither: the model's first format
+    # flux/mini's VAE compresses 32x: its catalog entry says its sides divide by 64
+    plan = plan_request(req(model="mini", format=None, width=1000, height=600), default_catalog)
+    assert (plan.width, plan.height, plan.gen_width, plan.gen_height) == (1000, 600, 1024, 640)
+
+
+@pytest.mark.parametrize(("kw", "message"), [
+    (dict(width=640), "width and height go together"),
+    (dict(format=None, height=640), "width and height go together"),
+    (dict(width=640, height=640), "a format or a width and height, not both"),
+    (dict(format=None, width=0, height=640), "width"),
+])
+def test_size_fields_are_checked_at_the_edge(kw, message):
+    with pytest.raises(InvalidParameters, match=message):
+        req(**kw)

@@ -1,4 +1,5 @@
-"""The embedded broker: ordering, aging, the state machine, idempotency, limits, crash recovery."""
+"""The broker contract, run against both brokers (embedded SQLite and Redis): ordering, aging, the
+state machine, leases, idempotency, limits; and the embedded broker's crash recovery."""
 
 from __future__ import annotations
 
@@ -12,8 +13,9 @@ import pytest
 
 from helpers import Clock
 
-from kiln.errors import IdempotencyConflict, QueueFull
+from kiln.errors import IdempotencyConflict, LeaseLost, QueueFull
 from kiln.queue import InvalidTransition, JobStatus, Priority, SqliteBroker
+from kiln.queue.local import SCHEMA
 
 
 @pytest.fixture
@@ -21,8 +23,20 @@ def clock() -> Clock:
     return Clock(1_700_000_000.0)
 
 
+@pytest.fixture(params=["sqlite", "redis"])
+def broker(request, tmp_path, clock):
+    if request.param == "sqlite":
+        b = SqliteBroker(tmp_path / "jobs.db", aging_seconds=60, clock=clock)
+    else:
+        from kiln.queue.redis import RedisBroker
+
+        b = RedisBroker(request.getfixturevalue("redis_url"), aging_seconds=60, clock=clock)
+    yield b
+    b.close()
+
+
 @pytest.fixture
-def broker(tmp_path, clock) -> SqliteBroker:
+def sqlite_broker(tmp_path, clock) -> SqliteBroker:
     b = SqliteBroker(tmp_path / "jobs.db", aging_seconds=60, clock=clock)
     yield b
     b.close()
@@ -172,7 +186,20 @@ def test_queue_full(broker):
     assert broker.depth() == {Priority.HIGH: 0, Priority.NORMAL: 2, Priority.LOW: 0}
 
 
-def test_requeue_and_recover(broker, clock):
+def test_requeue_keeps_the_place_by_creation_time(broker, clock):
+    a = submit(broker, "a")
+    clock.now += 1
+    submit(broker, "b")
+    broker.claim("w")
+    broker.report_progress(a.id, 2, 4)
+    assert broker.requeue(a.id).status is JobStatus.QUEUED
+    assert broker.position(a.id) == 1
+    again = broker.claim("w2")
+    assert again.id == a.id and again.attempts == 2 and again.step == 0 and again.worker_id == "w2"
+
+
+def test_requeue_and_recover(sqlite_broker, clock):
+    broker = sqlite_broker
     a = submit(broker, "a")
     clock.now += 1
     b = submit(broker, "b")
@@ -183,6 +210,84 @@ def test_requeue_and_recover(broker, clock):
     again = broker.claim("w2")
     assert again.id == a.id and again.attempts == 2 and again.step == 0
     assert broker.get(b.id).status is JobStatus.QUEUED
+
+
+# --- leases ---------------------------------------------------------------------------------------
+
+
+def test_every_claim_has_a_fresh_lease_and_an_old_one_is_refused(broker):
+    job = submit(broker, "a")
+    assert job.lease is None
+    first = broker.claim("w1")
+    assert first.lease
+    assert broker.report_progress(job.id, 1, 4, lease=first.lease) is False
+    broker.requeue(job.id, lease=first.lease)
+    second = broker.claim("w2")
+    assert second.lease and second.lease != first.lease
+    for stale in (
+        lambda: broker.report_progress(job.id, 3, 4, lease=first.lease),
+        lambda: broker.complete(job.id, "/i/stale.webp", {}, lease=first.lease),
+        lambda: broker.fail(job.id, "generation_failed", "x", lease=first.lease),
+        lambda: broker.mark_cancelled(job.id, lease=first.lease),
+        lambda: broker.requeue(job.id, lease=first.lease),
+    ):
+        with pytest.raises(LeaseLost):
+            stale()
+    unchanged = broker.get(job.id)
+    assert (unchanged.status, unchanged.worker_id, unchanged.lease) == (JobStatus.RUNNING, "w2", second.lease)
+    assert unchanged.step == 0
+    done = broker.complete(job.id, "/i/new.webp", {"seed": 1}, lease=second.lease)
+    assert done.status is JobStatus.COMPLETE and done.output == "/i/new.webp" and done.lease is None
+    with pytest.raises(LeaseLost):  # already finished: the same lease is spent
+        broker.complete(job.id, "/i/again.webp", {}, lease=second.lease)
+    assert broker.get(job.id).output == "/i/new.webp"
+
+
+def test_a_lease_is_refused_once_the_job_is_recovered(sqlite_broker):
+    broker = sqlite_broker
+    job = submit(broker, "a")
+    lost = broker.claim("dead")
+    assert broker.recover() == 1
+    assert broker.get(job.id).lease is None
+    with pytest.raises(LeaseLost):
+        broker.complete(job.id, "/i/late.webp", {}, lease=lost.lease)
+    again = broker.claim("w")
+    assert broker.complete(job.id, "/i/x.webp", {}, lease=again.lease).status is JobStatus.COMPLETE
+
+
+def test_a_job_that_keeps_killing_its_worker_ends_worker_lost(tmp_path, clock):
+    broker = SqliteBroker(tmp_path / "jobs.db", clock=clock, max_attempts=3)
+    told = []
+    broker.on_lost = told.append
+    doomed = submit(broker, "doomed")
+    for attempt in (1, 2, 3):
+        assert broker.claim("w").attempts == attempt
+        broker.recover()  # the worker died with it
+    failed = broker.get(doomed.id)
+    assert (failed.status, failed.error_code, failed.attempts) == (JobStatus.FAILED, "worker_lost", 3)
+    assert told == [failed]  # webhooks and metrics hear of it
+    assert "3 times" in failed.error_message and failed.finished is not None
+    fine = submit(broker, "fine")
+    assert broker.claim("w").id == fine.id  # the rest still run
+    broker.close()
+
+
+def test_an_old_database_gets_the_lease_column(tmp_path):
+    import sqlite3
+
+    path = tmp_path / "old.db"
+    before_leases = SCHEMA.replace("DEFAULT 0,\n    lease TEXT\n", "DEFAULT 0\n")
+    assert "lease" not in before_leases
+    db = sqlite3.connect(path)
+    db.executescript(before_leases)
+    db.execute("INSERT INTO jobs (id, status, priority, rank, payload, created)"
+               " VALUES ('j_old', 'queued', 'normal', 1, '{}', 1.0)")
+    db.commit()
+    db.close()
+    broker = SqliteBroker(path)
+    job = broker.claim("w")
+    assert job.id == "j_old" and job.lease
+    broker.close()
 
 
 CRASHER = r"""

@@ -24,6 +24,7 @@ STATUS: list[tuple[type[e.KilnError], int]] = [
     (e.UnknownModel, 404),
     (e.IdempotencyConflict, 409),
     (e.PromptFiltered, 403),
+    (e.NsfwDetected, 403),
     (e.UnsupportedFormat, 400),
     (e.InvalidPrompt, 400),
     (e.UserError, 400),

@@ -34,23 +34,28 @@ import asyncio
 import base64
 import binascii
 import functools
+import hashlib
 import ipaddress
 import re
 import socket
 import ssl
+import tempfile
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Final
+from pathlib import Path
+from typing import Any, Final
 from urllib.parse import unquote
 
 import httpx
 
 from kiln import __version__
-from kiln.errors import AssetNotFound, InvalidImage
+from kiln.errors import AssetNotFound, InvalidImage, UserError
 from kiln.storage.names import validate_name
 
 __all__ = [
     "FetchPolicy",
+    "Fetched",
+    "fetch_file",
     "classify_address",
     "is_address_allowed",
     "resolve_image_input",
@@ -288,10 +293,11 @@ async def resolve_image_input(
         return await _read_own_upload(name, own_upload, policy, field)
     if text.startswith("/"):
         raise _refuse(field, f"a path must be an upload path, /u/<name> as POST /uploads returns it; {_UPLOAD_HINT}")
-    url = _parse_url(text, field, redirected=False)
+    want = _Want(field)
+    url = _parse_url(text, want, redirected=False)
     try:
         async with asyncio.timeout(policy.timeout_s):
-            return await _fetch(url, policy, field)
+            return await _fetch(url, policy, want)
     except (TimeoutError, httpx.TimeoutException):
         raise _refuse(
             field,
@@ -302,6 +308,104 @@ async def resolve_image_input(
 
 def _refuse(field: str, message: str) -> InvalidImage:
     return InvalidImage(f"{field}: {message}", details={"field": field})
+
+
+class _Memory:
+    """The body in memory (images: at most ``max_bytes``, 20 MB by default)."""
+
+    def __init__(self) -> None:
+        self.body = bytearray()
+
+    @property
+    def size(self) -> int:
+        return len(self.body)
+
+    def write(self, chunk: bytes) -> int:
+        self.body += chunk
+        return len(self.body)
+
+    def close(self) -> bytes:
+        return bytes(self.body)
+
+    def discard(self) -> None:
+        self.body = bytearray()
+
+
+class _Spool:
+    """The body in a temporary file in ``directory``, hashed as it arrives (files too big for memory)."""
+
+    def __init__(self, directory: Path) -> None:
+        directory.mkdir(parents=True, exist_ok=True)
+        self.file = tempfile.NamedTemporaryFile(dir=directory, prefix=".fetch-", delete=False)  # noqa: SIM115
+        self.digest = hashlib.sha256()
+        self.size = 0
+
+    def write(self, chunk: bytes) -> int:
+        self.file.write(chunk)
+        self.digest.update(chunk)
+        self.size += len(chunk)
+        return self.size
+
+    def close(self) -> Fetched:
+        self.file.close()
+        return Fetched(Path(self.file.name), self.digest.hexdigest(), self.size)
+
+    def discard(self) -> None:
+        self.file.close()
+        Path(self.file.name).unlink(missing_ok=True)
+
+
+@dataclass(frozen=True)
+class Fetched:
+    """A file :func:`fetch_file` downloaded: a temporary path (the caller moves or deletes it), the
+    SHA-256 of its bytes and their count."""
+
+    path: Path
+    sha256: str
+    size: int
+
+
+@dataclass(frozen=True)
+class _Want:
+    """What a fetch is for: how its refusals read (``field: message``, in ``error``'s type) and
+    where its body goes."""
+
+    field: str
+    noun: str = "image"
+    error: type[UserError] = InvalidImage
+    accept: str = _ACCEPT
+    hint: str = _UPLOAD_HINT
+    schemes: str = "only http and https URLs, data URIs and upload URLs are accepted"
+    sink: Callable[[], Any] = _Memory
+
+    def refuse(self, message: str) -> UserError:
+        return self.error(f"{self.field}: {message}", details={"field": self.field})
+
+
+async def fetch_file(
+    url: str,
+    *,
+    policy: FetchPolicy,
+    directory: Path,
+    field: str,
+    noun: str,
+    error: type[UserError],
+    accept: str = "application/octet-stream;q=0.9, */*;q=0.5",
+) -> Fetched:
+    """Download ``url`` (an http(s) URL only) into a temporary file in ``directory``, with every
+    check :func:`resolve_image_input` makes (addresses, redirects, deadline, size cap). Refusals are
+    ``error("<field>: …")`` and speak of the ``noun`` (``LoRA``)."""
+    want = _Want(field, noun, error, accept, hint=f"send a public http(s) URL of the {noun}",
+                 schemes="only http and https URLs are accepted", sink=lambda: _Spool(directory))
+    text = url.strip() if isinstance(url, str) else ""
+    if not text:
+        raise want.refuse(f"is empty; {want.hint}")
+    parsed = _parse_url(text, want, redirected=False)
+    try:
+        async with asyncio.timeout(policy.timeout_s):
+            return await _fetch(parsed, policy, want)
+    except (TimeoutError, httpx.TimeoutException):
+        raise want.refuse(f"the URL did not deliver the {noun} within {policy.timeout_s:g} s; use a faster host") from None
 
 
 def _size(n: int) -> str:
@@ -433,24 +537,24 @@ _SCHEME_AUTHORITY: Final = re.compile(r"[A-Za-z][A-Za-z0-9+.\-]*://([^/?#]*)")
 _CONTROL: Final = re.compile(r"[\x00-\x20\x7f]")
 
 
-def _parse_url(text: str, field: str, *, redirected: bool) -> httpx.URL:
-    """``text`` as an http(s) URL with a host and no user info, or InvalidImage."""
+def _parse_url(text: str, want: _Want, *, redirected: bool) -> httpx.URL:
+    """``text`` as an http(s) URL with a host and no user info, or ``want``'s error."""
 
-    def refuse(problem: str, hint: str = "") -> InvalidImage:
+    def refuse(problem: str, hint: str = "") -> UserError:
         where = "the URL redirects to a URL that" if redirected else "the URL"
-        return _refuse(field, f"{where} {problem}{'; ' + hint if hint else ''}")
+        return want.refuse(f"{where} {problem}{'; ' + hint if hint else ''}")
 
     if len(text) > _MAX_URL_CHARS:
-        raise refuse(f"is longer than {_MAX_URL_CHARS} characters", _UPLOAD_HINT)
+        raise refuse(f"is longer than {_MAX_URL_CHARS} characters", want.hint)
     if _CONTROL.search(text):
         raise refuse("is not valid (it contains spaces or control characters)")
     try:
         url = httpx.URL(text)
     except (httpx.InvalidURL, ValueError, TypeError):
-        raise refuse("is not valid", _UPLOAD_HINT) from None
+        raise refuse("is not valid", want.hint) from None
     if url.scheme not in ("http", "https"):
         problem = f"uses the {url.scheme[:20]}: scheme" if url.scheme else "is not an absolute http(s) URL"
-        raise refuse(problem, "only http and https URLs, data URIs and upload URLs are accepted")
+        raise refuse(problem, want.schemes)
     authority = _SCHEME_AUTHORITY.match(text)
     if url.userinfo or (authority is not None and "@" in authority.group(1)):
         raise refuse("carries a user name or password", "send a URL without one")
@@ -477,7 +581,7 @@ async def _resolve(host: str, port: int) -> list[IPAddress]:
     return addresses
 
 
-async def _checked_addresses(url: httpx.URL, policy: FetchPolicy, field: str, *, redirected: bool) -> list[IPAddress]:
+async def _checked_addresses(url: httpx.URL, policy: FetchPolicy, want: _Want, *, redirected: bool) -> list[IPAddress]:
     host = url.raw_host.decode("ascii")
     port = _port(url) or 0
     target = "the URL redirects to" if redirected else "the URL points to"
@@ -487,17 +591,14 @@ async def _checked_addresses(url: httpx.URL, policy: FetchPolicy, field: str, *,
         addresses = []
     if not addresses:
         if redirected:
-            raise _refuse(field, "the URL redirects to a host name that does not resolve; check the image URL")
-        raise _refuse(field, f"could not resolve {host[:100]!r}; check the image URL")
+            raise want.refuse(f"the URL redirects to a host name that does not resolve; check the {want.noun} URL")
+        raise want.refuse(f"could not resolve {host[:100]!r}; check the {want.noun} URL")
     try:
         allowed = all(is_address_allowed(ip, policy) for ip in addresses)
     except ValueError:  # unparseable answer: fail closed
         allowed = False
     if not allowed:
-        raise _refuse(
-            field,
-            f"{target} a private or local network address, which this server does not fetch from; {_UPLOAD_HINT}",
-        )
+        raise want.refuse(f"{target} a private or local network address, which this server does not fetch from; {want.hint}")
     return addresses
 
 
@@ -523,11 +624,11 @@ class _Redirect(Exception):
         self.location = location
 
 
-async def _fetch(url: httpx.URL, policy: FetchPolicy, field: str) -> bytes:
+async def _fetch(url: httpx.URL, policy: FetchPolicy, want: _Want) -> Any:
     for hop in range(policy.max_redirects + 1):
-        addresses = await _checked_addresses(url, policy, field, redirected=hop > 0)
+        addresses = await _checked_addresses(url, policy, want, redirected=hop > 0)
         try:
-            return await _get(url, addresses, policy, field)
+            return await _get(url, addresses, policy, want)
         except _Redirect as redirect:
             location = redirect.location
         if hop == policy.max_redirects:
@@ -535,21 +636,18 @@ async def _fetch(url: httpx.URL, policy: FetchPolicy, field: str) -> bytes:
         try:
             next_url = str(url.join(location))
         except (httpx.InvalidURL, ValueError, TypeError):
-            raise _refuse(field, "the URL redirects to an invalid URL") from None
-        url = _parse_url(next_url, field, redirected=True)
-    raise _refuse(
-        field,
-        f"the URL redirects more than {policy.max_redirects} times; send the image's final URL",
-    )
+            raise want.refuse("the URL redirects to an invalid URL") from None
+        url = _parse_url(next_url, want, redirected=True)
+    raise want.refuse(f"the URL redirects more than {policy.max_redirects} times; send the {want.noun}'s final URL")
 
 
-async def _get(url: httpx.URL, addresses: Iterable[IPAddress], policy: FetchPolicy, field: str) -> bytes:
+async def _get(url: httpx.URL, addresses: Iterable[IPAddress], policy: FetchPolicy, want: _Want) -> Any:
     """GET ``url`` from the first of ``addresses`` that accepts a connection (all are checked)."""
     host = url.raw_host.decode("ascii")
     headers = {
         "Host": url.netloc.decode("ascii"),
         "User-Agent": _USER_AGENT,
-        "Accept": _ACCEPT,
+        "Accept": want.accept,
         "Accept-Encoding": "identity",
     }
     failure: httpx.ConnectError | None = None
@@ -560,52 +658,49 @@ async def _get(url: httpx.URL, addresses: Iterable[IPAddress], policy: FetchPoli
                 _client(policy) as client,
                 client.stream("GET", pinned, headers=headers, extensions={"sni_hostname": host}) as response,
             ):
-                return await _read_body(response, policy, field)
+                return await _read_body(response, policy, want)
         except httpx.ConnectError as exc:  # refused, unreachable, TLS handshake: try the next address
             failure = exc
         except httpx.TimeoutException:
             raise
         except httpx.HTTPError as exc:
-            raise _refuse(
-                field, f"the image server's response could not be read ({_why(exc)}); {_UPLOAD_HINT}"
-            ) from None
+            raise want.refuse(f"the {want.noun} server's response could not be read ({_why(exc)}); {want.hint}") from None
     if failure is not None and _is_certificate_error(failure):
-        raise _refuse(
-            field,
-            f"the TLS certificate of {host[:100]!r} could not be verified; use a URL with a valid certificate",
-        )
-    raise _refuse(field, f"could not connect to the image URL's server; check the URL or {_UPLOAD_HINT}")
+        raise want.refuse(f"the TLS certificate of {host[:100]!r} could not be verified; use a URL with a valid certificate")
+    raise want.refuse(f"could not connect to the {want.noun} URL's server; check the URL or {want.hint}")
 
 
-async def _read_body(response: httpx.Response, policy: FetchPolicy, field: str) -> bytes:
+async def _read_body(response: httpx.Response, policy: FetchPolicy, want: _Want) -> Any:
     status = response.status_code
     if status in _REDIRECTS:
         location = response.headers.get("location")
         if not location:
-            raise _refuse(field, f"the URL answered HTTP {status} without a Location to redirect to")
+            raise want.refuse(f"the URL answered HTTP {status} without a Location to redirect to")
         raise _Redirect(location)
     if not 200 <= status < 300:
         reason = response.reason_phrase or ""
-        raise _refuse(
-            field,
+        raise want.refuse(
             f"the URL answered HTTP {status}{' ' + reason if reason else ''}; "
-            "check that the image exists and is publicly readable",
+            f"check that the {want.noun} exists and is publicly readable"
         )
     encoding = response.headers.get("content-encoding", "").strip().lower()
     if encoding not in ("", "identity"):
-        raise _refuse(field, f"the server sent the image {encoding[:20]}-encoded; serve it uncompressed")
-    too_big = _refuse(field, f"the image is larger than {_size(policy.max_bytes)}; send a smaller image")
+        raise want.refuse(f"the server sent the {want.noun} {encoding[:20]}-encoded; serve it uncompressed")
+    too_big = want.refuse(f"the {want.noun} is larger than {_size(policy.max_bytes)}; send a smaller {want.noun}")
     length = (response.headers.get("content-length") or "").strip()
     if length.isascii() and length.isdigit() and int(length) > policy.max_bytes:  # h11 checked its form
         raise too_big
-    body = bytearray()
-    async for chunk in response.aiter_raw():
-        body += chunk
-        if len(body) > policy.max_bytes:
-            raise too_big
-    if not body:
-        raise _refuse(field, "the URL answered with an empty body")
-    return bytes(body)
+    sink = want.sink()
+    try:
+        async for chunk in response.aiter_raw():
+            if sink.write(chunk) > policy.max_bytes:
+                raise too_big
+        if not sink.size:
+            raise want.refuse("the URL answered with an empty body")
+        return sink.close()
+    except BaseException:
+        sink.discard()
+        raise
 
 
 def _why(exc: httpx.HTTPError) -> str:

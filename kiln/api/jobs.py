@@ -91,7 +91,9 @@ def _queued_eta(svc: Services, job: Job, position: int) -> int | None:
 
 def _estimate(svc: Services, estimate, request: dict) -> float | None:
     spec = svc.catalog.resolve(request.get("family", ""), request.get("model", ""))
-    width, height = svc.catalog.size_of(spec, request.get("format") or spec.formats[0])
+    width, height = request.get("width"), request.get("height")
+    if not width or not height:
+        width, height = svc.catalog.size_of(spec, request.get("format") or spec.formats[0])
     frames = None
     if spec.video is not None:
         duration = request.get("duration") or spec.video.duration.min

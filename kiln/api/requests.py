@@ -5,9 +5,11 @@ from __future__ import annotations
 from starlette.concurrency import run_in_threadpool
 
 from kiln.api.fetch import resolve_image_input
-from kiln.api.schemas import NOT_YET, GenerateBody
+from kiln.api.loras import resolve_loras
+from kiln.api.schemas import GenerateBody
 from kiln.api.services import Services
 from kiln.catalog import ModelSpec
+from kiln.engine.plan import check_lora_support
 from kiln.engine.request import GenerationRequest
 from kiln.errors import InvalidParameters
 
@@ -16,9 +18,6 @@ async def build_request(
     svc: Services, body: GenerateBody, spec: ModelSpec, task: str, fmt: str | None
 ) -> GenerationRequest:
     """Resolve inputs, map names (``cfg`` is video guidance), validate against the catalog."""
-    for name in NOT_YET:
-        if getattr(body, name) not in (None, False):
-            raise InvalidParameters(f"{name} is not available on this server yet; leave it out")
     svc.prompt_filter.check(body.prompt, body.negative_prompt)
     if body.cfg is not None and body.guidance is not None:
         raise InvalidParameters("send cfg or guidance, not both")
@@ -42,11 +41,20 @@ async def build_request(
         image=image,
         mask=mask,
         duration=body.duration,
+        upscale=body.upscale,
+        latent_upscale=body.latent_upscale,
+        detail_enhance=bool(body.detail_enhance),
+        detail_strength=body.detail_strength,
     )
     if image is None and mask is None:
         svc.validate(canonical)  # no image to decode: cheaper than a hop to the threadpool and back
     else:
         await run_in_threadpool(svc.validate, canonical)
+    if body.loras:
+        # every other check passed first, so nothing is downloaded for a request that would fail anyway
+        check_lora_support(spec, svc.catalog)
+        refs = await resolve_loras(svc, [(lora.url, lora.weight) for lora in body.loras], field="loras", repo_ids=False)
+        canonical = canonical.model_copy(update={"loras": refs})
     return canonical
 
 

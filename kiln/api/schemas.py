@@ -11,6 +11,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from kiln.catalog import KNOWN_SAMPLERS, KNOWN_SCHEDULERS
+from kiln.engine.request import MAX_LORAS
 
 MAX_SEED = 2**32 - 1
 Sampler = Literal[KNOWN_SAMPLERS]  # type: ignore[valid-type]
@@ -40,11 +41,12 @@ class GenerateBody(BaseModel):
     mask: str | None = Field(default=None, max_length=30_000_000, description="edit: white is regenerated")
     strength: float | None = Field(default=None, gt=0.0, le=1.0, allow_inf_nan=False)
     duration: float | None = Field(default=None, gt=0.0, allow_inf_nan=False, description="video seconds, 0.5-10")
-    loras: list[LoraSpec] | None = None
-    upscale: Literal[1.5, 2, 4] | None = None
-    latent_upscale: float | None = Field(default=None, gt=1.0, le=4.0)
-    detail_enhance: bool | None = None
-    detail_strength: float | None = Field(default=None, ge=0.0, le=1.0)
+    loras: list[LoraSpec] | None = Field(default=None, max_length=MAX_LORAS)
+    upscale: Literal[1.5, 2, 4] | None = Field(default=None, description="multiply the output size (resize + img2img pass)")
+    latent_upscale: float | None = Field(default=None, gt=1.0, le=4.0, description="multiply the size in latent space "
+                                         "and denoise again before decoding (1024 x 1.5 = 1536)")
+    detail_enhance: bool | None = Field(default=None, description="a refinement pass at the output size")
+    detail_strength: float | None = Field(default=None, ge=0.0, le=1.0, description="detail_enhance: 0-1, default 0.5")
 
 
 class QueueBody(GenerateBody):
@@ -60,5 +62,3 @@ class QueueBody(GenerateBody):
     idempotency_key: str | None = Field(default=None, min_length=1, max_length=255)
 
 
-# Controls the render API names that this server does not implement yet: refused, never ignored.
-NOT_YET = ("loras", "upscale", "latent_upscale", "detail_enhance", "detail_strength")

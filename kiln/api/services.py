@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
 from kiln.api.fetch import FetchPolicy
+from kiln.loras import LoraStore
 from kiln.api.metrics import Metrics
 from kiln.api.policy import PromptFilter
 from kiln.catalog import Catalog
@@ -50,7 +51,9 @@ class Services:
     upload_limiter: RateLimiter = field(default_factory=RateLimiter)
     backends: tuple[str, ...] = ("torch",)
     outbox: Outbox | None = None  # webhook deliveries; None: webhooks are refused
+    loras: LoraStore | None = None  # LoRA files by content hash; None: requests with loras are refused
     fetch_policy: FetchPolicy = field(init=False)
+    lora_policy: FetchPolicy = field(init=False)  # the same checks, a LoRA's size and time
     prompt_filter: PromptFilter = field(init=False)
     metrics: Metrics = field(init=False)
 
@@ -58,6 +61,10 @@ class Services:
         # built once, so a bad setting fails at start-up rather than on every request
         self.fetch_policy = FetchPolicy(
             max_bytes=self.settings.max_upload_bytes, allow_private=self.settings.allow_private_fetch
+        )
+        self.lora_policy = FetchPolicy(
+            max_bytes=self.settings.lora_max_bytes, timeout_s=self.settings.lora_fetch_timeout_s,
+            allow_private=self.settings.allow_private_fetch,
         )
         self.prompt_filter = PromptFilter.from_file(self.settings.prompt_filter_file)
         self.metrics = Metrics(self.broker)

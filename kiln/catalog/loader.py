@@ -81,6 +81,24 @@ class Catalog:
             )
         return self.formats[spec.modality][fmt]
 
+    def size_for(self, spec: ModelSpec, fmt: str | None, width: int | None, height: int | None) -> tuple[int, int]:
+        """(width, height) a request asks for: a pixel size the model's ``sizes`` range allows, else the
+        named format (the model's first when none is named)."""
+        if width is None or height is None:
+            return self.size_of(spec, fmt or spec.formats[0])
+        if spec.sizes is None:
+            offered = ", ".join(f"{w}x{h}" for w, h in dict.fromkeys(self.size_of(spec, f) for f in spec.formats))
+            raise UnsupportedFormat(
+                f"{spec.key} makes only the sizes of its formats ({offered}); {width}x{height} is not one",
+                details={"formats": list(spec.formats)},
+            )
+        if (width, height) not in spec.sizes:
+            raise UnsupportedFormat(
+                f"{spec.key} takes each side from {spec.sizes.min} to {spec.sizes.max} pixels; got {width}x{height}",
+                details={"min": spec.sizes.min, "max": spec.sizes.max},
+            )
+        return width, height
+
     def check_task(self, spec: ModelSpec, task: str) -> None:
         if task not in spec.pipelines:
             raise UnsupportedTask(

@@ -89,6 +89,28 @@ class Guidance(_Strict):
         return self.default  # type: ignore[return-value]
 
 
+class SizeRange(_Strict):
+    """Sizes in pixels a model takes besides its named formats: each side in [min, max].
+
+    The compatible doors name sizes in pixels (WaveSpeed's ``size: "1000*600"``, OpenAI's
+    ``"1536x1024"``); the render API names formats. The engine generates at the architecture's
+    multiple and centre-crops, so any side in range comes back exactly that size.
+    """
+
+    min: int = Field(ge=64, le=8192)
+    max: int = Field(ge=64, le=8192)
+
+    @model_validator(mode="after")
+    def _ordered(self) -> SizeRange:
+        if self.min > self.max:
+            raise ValueError(f"needs min <= max, got {self.min} > {self.max}")
+        return self
+
+    def __contains__(self, size: object) -> bool:
+        width, height = size  # type: ignore[misc]
+        return self.min <= width <= self.max and self.min <= height <= self.max
+
+
 class VideoSpec(_Strict):
     fps: int = Field(ge=1, le=120)
     frame_multiple: int = Field(ge=1, description="frame counts are frame_multiple * k + 1")
@@ -101,6 +123,11 @@ class ModelSpec(_Strict):
     modality: Modality
     pipelines: dict[Task, str] = Field(min_length=1)
     formats: list[str] = Field(min_length=1)
+    sizes: SizeRange | None = Field(default=None, description="pixel sizes accepted besides the formats")
+    size_multiple: int | None = Field(
+        default=None, ge=8, le=256, description="what each generated side must divide by, when the checkpoint's VAE "
+        "differs from its architecture's (default: the architecture's)",
+    )
     source: str = Field(min_length=1)
     revision: str | None = None
     dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"
@@ -109,6 +136,7 @@ class ModelSpec(_Strict):
     samplers: list[str] = []
     schedulers: list[str] = []
     lora: bool = False
+    lora_refusal: str | None = Field(default=None, description="why the model takes no LoRAs, told to a request that sends some")
     negative_prompt: bool = False
     true_cfg: bool = Field(
         default=False,

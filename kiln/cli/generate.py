@@ -28,6 +28,8 @@ def add_parser(sub) -> None:
     p.add_argument("--image", type=Path, help="input image for i2i, edit, i2v")
     p.add_argument("--mask", type=Path, help="edit: white is regenerated, black is kept")
     p.add_argument("--duration", type=float, help="video length in seconds")
+    p.add_argument("--lora", action="append", default=[], metavar="FILE[:WEIGHT]",
+                   help="a local .safetensors LoRA and its weight (default 1.0); repeat to stack")
     p.add_argument("--num-outputs", "-n", type=int, default=1, help="how many images (1-4)")
     p.add_argument("-o", "--output", type=Path, help="output file (.webp .png .jpg .mp4; default kiln-SEED.webp/.mp4)")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
@@ -64,6 +66,9 @@ def run(args) -> int:
     )
     engine = Engine(catalog)
     engine.plan(request)  # every user error surfaces before anything is built or loaded
+    store = None
+    if args.lora:
+        request, store = _with_loras(request, args.lora, spec, catalog)
     if not engine.installed(spec):
         if spec.toy:
             print(f"{spec.key}: building the toy checkpoint on first use (random weights) ...", file=sys.stderr)
@@ -76,7 +81,7 @@ def run(args) -> int:
     bar = _ProgressBar(disabled=args.quiet)
     started = time.perf_counter()
     try:
-        result = engine.generate(request, on_step=bar.update)
+        result = engine.generate(request, on_step=bar.update, loras=store)
     finally:
         bar.close()
     took = time.perf_counter() - started
@@ -89,6 +94,31 @@ def run(args) -> int:
     for path in paths:
         print(path)
     return 0
+
+
+def _with_loras(request, specs: list[str], spec, catalog):
+    """The request with the ``FILE[:WEIGHT]`` adapters, checked and held in a throwaway LoRA store."""
+    import tempfile
+
+    from kiln.engine.plan import check_lora_support
+    from kiln.engine.request import LoraRef
+    from kiln.loras import LoraStore
+
+    check_lora_support(spec, catalog, field="--lora")
+    store = LoraStore(Path(tempfile.mkdtemp(prefix="kiln-loras-")))
+    refs = []
+    for item in specs:
+        name, sep, weight = item.rpartition(":")
+        if not sep or not weight.replace(".", "", 1).isdigit():  # no weight given (a path may hold ':')
+            name, weight = item, "1.0"
+        path = Path(name)
+        try:
+            data = path.read_bytes()
+        except OSError as exc:
+            raise InvalidParameters(f"--lora: cannot read {path}: {exc.strerror}") from exc
+        sha = store.add_bytes(data, field=f"--lora {path}")
+        refs.append(LoraRef.model_validate({"sha256": sha, "weight": float(weight), "source": str(path)}))
+    return request.model_copy(update={"loras": tuple(refs)}), store
 
 
 def _default_task(tasks: list[str], *, has_image: bool) -> str:

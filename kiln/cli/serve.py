@@ -16,6 +16,7 @@ def add_parser(sub) -> None:
     p.add_argument("--public-url", help="base URL for Content-Location and job outputs (KILN_PUBLIC_URL)")
     p.add_argument("--config", help="settings file (TOML; KILN_CONFIG)")
     p.add_argument("--no-auth", action="store_true", help="serve without API keys (a private machine only)")
+    p.add_argument("--redis", metavar="URL", help="queue jobs in Redis, e.g. redis://127.0.0.1:6379/0 (KILN_REDIS_URL)")
     p.set_defaults(run=run)
 
 
@@ -37,6 +38,7 @@ def run(args) -> int:
             "catalog": args.serve_catalog or args.catalog,
             "public_url": args.public_url,
             "auth": False if args.no_auth else None,
+            "redis_url": args.redis,
         },
         config_file=args.config,
     )

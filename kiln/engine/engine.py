@@ -8,6 +8,7 @@ stops between steps when asked to.
 
 from __future__ import annotations
 
+import functools
 import inspect
 import logging
 import threading
@@ -23,10 +24,12 @@ from PIL import Image
 from kiln.catalog import Catalog, ModelSpec
 from kiln.engine import weights
 from kiln.engine.families import Adapter, adapter_for
+from kiln.engine.lora import LoraFiles, LoraSlots
 from kiln.engine.families.base import crop_centre
 from kiln.engine.outputs import ImageOutput, Output, VideoOutput
 from kiln.engine.plan import Plan, plan_request
 from kiln.engine.previews import LatentPreviewer
+from kiln.engine.refine import render
 from kiln.engine.request import GenerationRequest
 from kiln.engine.samplers import make_scheduler, step_completed, total_steps
 from kiln.errors import GenerationCancelled, GenerationError, KilnError, ModelLoadFailed, OutOfMemory
@@ -61,6 +64,10 @@ class GenerationResult:
     num_frames: int | None
     fps: int | None
     elapsed_ms: int
+    # Upscaling and detail (kiln.engine.refinement); detail_strength is None without detail_enhance.
+    upscale: float | None = None
+    latent_upscale: float | None = None
+    detail_strength: float | None = None
 
 
 OnStep = Callable[[StepEvent], None]
@@ -74,16 +81,24 @@ class LoadedModel:
         self.adapter = adapter
         self.pipelines = pipelines
         self.lock = threading.Lock()
+        self.loras = LoraSlots(spec.key)  # adapters loaded into the shared transformer
         base = next(iter(pipelines.values()))
         self._scheduler_class = type(base.scheduler)
         self._scheduler_config = dict(base.scheduler.config)
         self._previewer: LatentPreviewer | None = None
 
-    def new_scheduler(self, plan: Plan) -> Any:
-        """A fresh scheduler for one call: schedulers keep state, so no two calls share one."""
+    @property
+    def scheduler_config(self) -> dict[str, Any]:
+        """The checkpoint's scheduler settings, which every call's fresh scheduler starts from."""
+        return dict(self._scheduler_config)
+
+    def new_scheduler(self, plan: Plan, **config: Any) -> Any:
+        """A fresh scheduler for one call: schedulers keep state, so no two calls share one.
+        ``config`` overrides checkpoint settings for this call (a refinement pass's shift)."""
+        base = {**self._scheduler_config, **config}
         if plan.sampler is None:
-            return self._scheduler_class.from_config(self._scheduler_config)
-        return make_scheduler(self._scheduler_config, plan.sampler, plan.scheduler or "simple", seeds=plan.seeds)
+            return self._scheduler_class.from_config(base)
+        return make_scheduler(base, plan.sampler, plan.scheduler or "simple", seeds=plan.seeds)
 
     def previewer(self, pipe: Any) -> LatentPreviewer:
         if self._previewer is None:
@@ -189,13 +204,15 @@ class Engine:
         on_step: OnStep | None = None,
         cancel: threading.Event | None = None,
         previews: bool = False,
+        loras: LoraFiles | None = None,
     ) -> GenerationResult:
         """Run ``request`` and return its outputs.
 
         ``on_step`` is called once per denoising step, from this thread; with ``previews`` its
         event carries a small RGB preview of the first output. Setting ``cancel`` stops the run
-        between steps with :class:`GenerationCancelled` and no output. Every user error is raised
-        before any model work.
+        between steps with :class:`GenerationCancelled` and no output. ``loras`` is where the
+        request's adapters are found (:class:`kiln.loras.LoraStore`). Every user error is raised
+        before any denoising (an adapter that does not fit the model, once it is being loaded).
         """
         plan = self.plan(request)
         _check_cancel(cancel)
@@ -204,18 +221,26 @@ class Engine:
         _acquire(loaded.lock, cancel)
         try:
             started = time.perf_counter()
-            progress = _Progress(loaded, plan, on_step, cancel, previews, runs=len(parts))
-            pictures: list[Image.Image] = []
-            for part in parts:
-                pictures.extend(loaded.adapter.images(self._run(loaded, part, progress), part))
+            loaded.loras.activate(loaded.pipelines[plan.task], plan.loras, loras)
+            extra = plan.refinement.steps(plan.steps, plan.num_outputs) if plan.refinement is not None else 0
+            progress = _Progress(loaded, plan, on_step, cancel, previews, runs=len(parts), extra=extra)
+            run = functools.partial(self._run, loaded, progress=progress)
+            pictures = render(plan, parts, run, loaded, functools.partial(_check_cancel, cancel))
             elapsed_ms = round((time.perf_counter() - started) * 1000)
         finally:
             loaded.lock.release()
         return self._result(plan, pictures, elapsed_ms)
 
-    def _run(self, loaded: LoadedModel, plan: Plan, progress: _Progress) -> Any:
+    def _run(
+        self, loaded: LoadedModel, plan: Plan, progress: _Progress, scheduler_config: dict[str, Any] | None = None,
+        **overrides: Any,
+    ) -> Any:
+        """One pipeline call for ``plan`` (the base generation or one refinement pass); ``overrides``
+        are pipeline arguments set last (a refinement's ``output_type`` or latent ``image``),
+        ``scheduler_config`` overrides the checkpoint's scheduler settings for this call."""
         pipe = loaded.pipelines[plan.task]
-        pipe.scheduler = loaded.new_scheduler(plan)
+        progress.plan = plan  # previews unpack latents at this call's size
+        pipe.scheduler = loaded.new_scheduler(plan, **(scheduler_config or {}))
         adapter = loaded.adapter
         kwargs = adapter.call_kwargs(plan, pipe)
         kwargs.update(
@@ -226,6 +251,7 @@ class Engine:
             callback_on_step_end_tensor_inputs=["latents"],
         )
         kwargs[adapter.count_argument] = plan.num_outputs
+        kwargs.update(overrides)
         try:
             with torch.inference_mode():
                 return pipe(**kwargs)
@@ -238,7 +264,8 @@ class Engine:
             raise GenerationError(f"{plan.spec.key} {plan.task} failed: {type(exc).__name__}") from exc
 
     def _result(self, plan: Plan, pictures: list[Image.Image], elapsed_ms: int) -> GenerationResult:
-        pictures = [crop_centre(p, plan.width, plan.height) for p in pictures]
+        width, height = plan.output_size
+        pictures = [crop_centre(p, width, height) for p in pictures]
         outputs: list[Output]
         if plan.spec.modality == "video":
             outputs = [VideoOutput(frames=pictures, fps=plan.fps or 24, seed=plan.seed)]
@@ -248,8 +275,8 @@ class Engine:
             outputs=outputs,
             model=plan.spec.key,
             task=plan.task,
-            width=plan.width,
-            height=plan.height,
+            width=width,
+            height=height,
             seed=plan.seed,
             steps=plan.steps,
             guidance=plan.guidance,
@@ -259,6 +286,9 @@ class Engine:
             num_frames=plan.num_frames,
             fps=plan.fps,
             elapsed_ms=elapsed_ms,
+            upscale=plan.refinement.upscale if plan.refinement is not None else None,
+            latent_upscale=plan.refinement.latent_upscale if plan.refinement is not None else None,
+            detail_strength=plan.refinement.detail_strength if plan.refinement is not None else None,
         )
 
 
@@ -270,12 +300,14 @@ def _check_cancel(cancel: threading.Event | None) -> None:
 class _Progress:
     """``callback_on_step_end`` for diffusers: counts user-visible steps, previews, cancels.
 
-    One object spans every pipeline call of a request (``runs`` of them), so steps count on
-    across calls and ``total`` covers them all.
+    One object spans every pipeline call of a request (``runs`` of them, then the refinement passes,
+    which add ``extra`` steps), so steps count on across calls and ``total`` covers them all.
     """
 
-    def __init__(self, loaded: LoadedModel, plan: Plan, on_step, cancel, previews: bool, runs: int = 1) -> None:
-        self.loaded, self.plan, self.runs = loaded, plan, runs
+    def __init__(
+        self, loaded: LoadedModel, plan: Plan, on_step, cancel, previews: bool, runs: int = 1, extra: int = 0
+    ) -> None:
+        self.loaded, self.plan, self.runs, self.extra = loaded, plan, runs, extra
         self.on_step, self.cancel, self.previews = on_step, cancel, previews
         self.step = 0
         self.total: int | None = None
@@ -283,7 +315,7 @@ class _Progress:
     def __call__(self, pipe: Any, index: int, timestep: Any, tensors: dict[str, Any]) -> dict[str, Any]:
         scheduler = pipe.scheduler
         if self.total is None:
-            self.total = total_steps(scheduler) * self.runs
+            self.total = total_steps(scheduler) * self.runs + self.extra
         if step_completed(scheduler):
             self.step += 1
             if self.on_step is not None:

@@ -2,8 +2,9 @@
 
 Every check a user can fail happens here, before any model is loaded or any weight is touched:
 unknown model or alias, task, format, steps, guidance, sampler, scheduler, strength, seed, prompt,
-unreadable or oversized images, a mask of another size. The rules come from the catalog entry and
-from the architecture adapter (what its pipelines can take); nothing about a model is written here.
+unreadable or oversized images, a mask of another size, upscaling and detail passes the model cannot
+run (:mod:`kiln.engine.refinement`). The rules come from the catalog entry and from the architecture
+adapter (what its pipelines can take); nothing about a model is written here.
 """
 
 from __future__ import annotations
@@ -18,7 +19,8 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from kiln.catalog import KNOWN_SAMPLERS, KNOWN_SCHEDULERS, TASKS_NEEDING_IMAGE, Catalog, ModelSpec
 from kiln.engine.families import adapter_for
 from kiln.engine.pixels import PixelError, to_mask8, to_rgb8
-from kiln.engine.request import MAX_SEED, MIN_PROMPT_CHARS, GenerationRequest
+from kiln.engine.refinement import Refinement, plan_refinement
+from kiln.engine.request import MAX_SEED, MIN_PROMPT_CHARS, GenerationRequest, LoraRef
 from kiln.errors import InvalidImage, InvalidParameters, InvalidPrompt, ModelUnavailable
 
 MAX_INPUT_SIDE = 4096
@@ -52,6 +54,14 @@ class Plan:
     num_outputs: int
     num_frames: int | None = None
     fps: int | None = None
+    loras: tuple[LoraRef, ...] = ()  # each adapter once (the weights of repeats added), in request order
+    # Upscaling and detail passes after the base generation (kiln.engine.refinement); None: none.
+    refinement: Refinement | None = None
+
+    @property
+    def output_size(self) -> tuple[int, int]:
+        """(width, height) of the outputs: the base size, or the last refinement pass's."""
+        return self.refinement.size if self.refinement is not None else (self.width, self.height)
 
     @property
     def seeds(self) -> list[int]:
@@ -64,15 +74,21 @@ def plan_request(request: GenerationRequest, catalog: Catalog) -> Plan:
     if spec.status == "coming_soon":
         raise ModelUnavailable(f"{spec.key} is announced but not available yet")
     catalog.check_task(spec, request.task)
-    width, height = catalog.size_of(spec, request.format)
+    width, height = catalog.size_for(spec, request.format, request.width, request.height)
     adapter = adapter_for(spec)
-    multiple = adapter.size_multiple
+    multiple = spec.size_multiple or adapter.size_multiple
 
     steps = _steps(request.steps, spec)
     strength = _strength(request, spec, adapter.strength_tasks, steps)
     prompt = _prompt(request, strength)
+    loras = _loras(request, spec, catalog)
     if request.negative_prompt and not spec.negative_prompt:
-        raise InvalidParameters(f"{spec.key} does not use a negative prompt; leave negative_prompt out")
+        takers = [m.key for m in catalog if m.negative_prompt and m.status != "coming_soon"]
+        raise InvalidParameters(
+            f"{spec.key} does not use a negative prompt; leave negative_prompt out, or use a model that does: "
+            f"{', '.join(takers) or 'none on this server'}",
+            details={"field": "negative_prompt", "models": takers},
+        )
     image, mask = _images(request)
 
     num_frames = fps = None
@@ -106,6 +122,8 @@ def plan_request(request: GenerationRequest, catalog: Catalog) -> Plan:
         num_outputs=request.num_outputs,
         num_frames=num_frames,
         fps=fps,
+        loras=loras,
+        refinement=plan_refinement(request, spec, adapter, width, height, multiple),
     )
 
 
@@ -235,3 +253,26 @@ def _decode(data: bytes, what: str, mode: str) -> Image.Image:
         raise InvalidImage(f"the {what} cannot be used: {exc}", details=where) from exc
     except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as exc:
         raise InvalidImage(f"the {what} could not be read as an image ({type(exc).__name__})", details=where) from exc
+
+
+def check_lora_support(spec: ModelSpec, catalog: Catalog, field: str = "loras") -> None:
+    """Refuse LoRAs for a model whose catalog entry takes none, saying why and naming those that do
+    (the API edge asks before downloading any adapter)."""
+    if not spec.lora:
+        takers = [m.key for m in catalog if m.lora and m.status != "coming_soon"]
+        why = spec.lora_refusal or "its catalog entry says it takes none"
+        raise InvalidParameters(
+            f"{spec.key} does not take LoRAs: {why}. Models that do: {', '.join(takers) or 'none on this server'}",
+            details={"field": field, "models": takers},
+        )
+
+
+def _loras(request: GenerationRequest, spec: ModelSpec, catalog: Catalog) -> tuple[LoraRef, ...]:
+    if not request.loras:
+        return ()
+    check_lora_support(spec, catalog)
+    merged: dict[str, LoraRef] = {}
+    for ref in request.loras:
+        seen = merged.get(ref.sha256)
+        merged[ref.sha256] = ref if seen is None else seen.model_copy(update={"weight": seen.weight + ref.weight})
+    return tuple(merged.values())

@@ -10,17 +10,34 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from kiln.errors import InvalidParameters, InvalidPrompt
 
 Task = Literal["t2i", "i2i", "edit", "t2v", "i2v"]
 Encoding = Literal["webp", "png", "jpeg"]
+# What happens to an output the safety classifier flags: the request fails with NsfwDetected
+# (refuse), or the output is left out and reported (withhold); off: not checked.
+SafetyCheck = Literal["refuse", "withhold", "off"]
 
 MAX_SEED = 2**32 - 1
 MAX_PROMPT_CHARS = 5000
 MIN_PROMPT_CHARS = 3
 MAX_OUTPUTS = 4
+
+
+MAX_LORAS = 5
+MAX_LORA_WEIGHT = 4.0
+
+
+class LoraRef(BaseModel):
+    """One adapter a request applies: the file's SHA-256 (the LoRA store holds it) and its weight."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    weight: float = Field(default=1.0, ge=0.0, le=MAX_LORA_WEIGHT, allow_inf_nan=False)
+    source: str = Field(default="", max_length=2048, description="the URL or repo id it came from (logs, re-fetching)")
 
 
 class GenerationRequest(BaseModel):
@@ -31,7 +48,11 @@ class GenerationRequest(BaseModel):
     family: str = Field(min_length=1, max_length=64)
     model: str = Field(min_length=1, max_length=64, description="model name or alias within the family")
     task: Task
-    format: str = Field(min_length=1, max_length=32, description="a name from the catalog's format table")
+    format: str | None = Field(
+        default=None, min_length=1, max_length=32, description="a name from the catalog's format table (None: the model's first)"
+    )
+    width: int | None = Field(default=None, ge=1, le=8192, description="a pixel size instead of a format, with height")
+    height: int | None = Field(default=None, ge=1, le=8192, description="a pixel size instead of a format, with width")
     prompt: str = Field(default="", max_length=MAX_PROMPT_CHARS)
     negative_prompt: str | None = Field(default=None, max_length=MAX_PROMPT_CHARS)
     # Upper bounds of steps, guidance and duration are the model's and are checked with its name.
@@ -45,7 +66,30 @@ class GenerationRequest(BaseModel):
     mask: bytes | None = Field(default=None, repr=False, description="edit: white = regenerate, black = keep")
     num_outputs: int = Field(default=1, ge=1, le=MAX_OUTPUTS)
     duration: float | None = Field(default=None, gt=0.0, allow_inf_nan=False, description="video length in seconds")
+    # Passes after the base generation; kiln.engine.refinement says which models take them and how.
+    upscale: float | None = Field(
+        default=None, gt=1.0, le=4.0, allow_inf_nan=False, description="multiply the output size: resize + img2img pass"
+    )
+    latent_upscale: float | None = Field(
+        default=None, gt=1.0, le=4.0, allow_inf_nan=False, description="multiply the size in latent space, denoise again"
+    )
+    detail_enhance: bool = Field(default=False, description="an img2img refinement pass at the output size")
+    detail_strength: float | None = Field(
+        default=None, ge=0.0, le=1.0, allow_inf_nan=False, description="detail_enhance: 0-1 (None: 0.5)"
+    )
     encoding: Encoding = Field(default="webp", description="how image outputs are encoded (videos are always MP4)")
+    loras: tuple[LoraRef, ...] = Field(default=(), max_length=MAX_LORAS, description="adapters, applied in order")
+    safety_check: SafetyCheck | None = Field(
+        default=None, description="None: the server's default (refuse if the classifier runs by default, else off)"
+    )
+
+    @model_validator(mode="after")
+    def _one_size(self) -> GenerationRequest:
+        if (self.width is None) != (self.height is None):
+            raise ValueError("width and height go together")
+        if self.width is not None and self.format is not None:
+            raise ValueError("name a format or a width and height, not both")
+        return self
 
     @classmethod
     def create(cls, **fields: object) -> GenerationRequest:

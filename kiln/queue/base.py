@@ -1,8 +1,17 @@
 """The broker protocol: what the API and the worker need from a queue.
 
-Two implementations are planned: :class:`~kiln.queue.local.SqliteBroker` (embedded, the default)
-and a Redis Streams one for scale-out. Both give at-least-once delivery: a job interrupted by a
-crash runs again, which is harmless because outputs are content-addressed.
+Two implementations: :class:`~kiln.queue.local.SqliteBroker` (embedded, the default) and
+:class:`~kiln.queue.redis.RedisBroker` (scale-out). Both give at-least-once delivery: a job
+interrupted by a crash runs again, which is harmless because outputs are content-addressed.
+
+Leases: every claim gives the job a fresh ``Job.lease``. The worker-side calls take ``lease=``;
+given, and no longer the job's current lease (another worker claimed the job after this one was
+presumed dead, or it already finished), they raise :class:`kiln.errors.LeaseLost` and change
+nothing. Without it they act unconditionally (tools, tests). A job claimed more than
+``max_attempts`` times because its worker died ends ``failed`` with code ``worker_lost``.
+
+A broker whose leases expire (Redis) also has ``lease_s`` and ``heartbeat(job_id, lease)``; the
+worker calls it every ``lease_s / 3`` while a job runs (:mod:`kiln.worker.heartbeat`).
 """
 
 from __future__ import annotations
@@ -43,17 +52,19 @@ class Broker(Protocol):
     def claim(self, worker_id: str) -> Job | None:
         """The next job to run (priority order with aging, FIFO within one), now running."""
 
-    def report_progress(self, job_id: str, step: int, total_steps: int) -> bool:
-        """Record progress; returns whether cancellation was requested."""
+    def report_progress(self, job_id: str, step: int, total_steps: int, *, lease: str | None = None) -> bool:
+        """Record progress (and, with a lease, heartbeat); returns whether cancellation was requested."""
 
-    def complete(self, job_id: str, output: str, result: dict[str, Any]) -> Job: ...
+    def complete(self, job_id: str, output: str, result: dict[str, Any], *, lease: str | None = None) -> Job: ...
 
-    def fail(self, job_id: str, code: str, message: str) -> Job: ...
+    def fail(self, job_id: str, code: str, message: str, *, lease: str | None = None) -> Job: ...
 
-    def mark_cancelled(self, job_id: str) -> Job: ...
+    def mark_cancelled(self, job_id: str, *, lease: str | None = None) -> Job: ...
 
-    def requeue(self, job_id: str) -> Job:
+    def requeue(self, job_id: str, *, lease: str | None = None) -> Job:
         """Hand a running job back (graceful shutdown); it keeps its place by creation time."""
 
     def recover(self) -> int:
-        """At start-up: jobs left running by a process that died are queued again. Returns how many."""
+        """At start-up: jobs left running by a process that died are queued again (or end failed with
+        ``worker_lost`` past ``max_attempts``). Returns how many. A broker whose leases expire on their
+        own (Redis) has nothing to do here."""

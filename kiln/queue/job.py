@@ -9,6 +9,9 @@
       └──────────────────▶ cancelled
 
 Terminal states never change again. "Unknown id" is ``None`` from the broker, never a state.
+Every claim gives the running job a fresh ``lease`` token; a worker passes it back with its
+progress and result, so a worker that lost the job (it stopped heartbeating and another claimed
+it) cannot overwrite the new owner's work.
 The payload is opaque to the queue: the API layer decides what it holds (a canonical request
 with its inputs stored as assets), the worker decodes it.
 """
@@ -59,6 +62,21 @@ class InvalidTransition(RuntimeError):
     """A bug, not a user error: some code tried to move a job along an edge the machine lacks."""
 
 
+WORKER_LOST = "worker_lost"  # the error code of a job that stopped its worker max_attempts times
+WORKER_LOST_MESSAGE = (
+    "the job stopped its worker {attempts} times (crashed or stopped heartbeating); it is not run again"
+)
+
+
+def worker_lost_message(attempts: int) -> str:
+    return WORKER_LOST_MESSAGE.format(attempts=attempts)
+
+
+def effective_rank(priority: Priority, created: float, now: float, aging: float) -> int:
+    """The rank a queued job competes at: one better per ``aging`` seconds waited, so low never starves."""
+    return max(0, priority.rank - int((now - created) / aging))
+
+
 def check_transition(job_id: str, current: JobStatus, new: JobStatus) -> None:
     if new not in TRANSITIONS[current]:
         raise InvalidTransition(f"job {job_id}: {current} -> {new} is not allowed")
@@ -90,6 +108,9 @@ class Job:
     attempts: int = 0
     worker_id: str | None = None
     cancel_requested: bool = False
+    # the current claim's token while running (None otherwise): a worker's writes that carry an older
+    # one are refused with kiln.errors.LeaseLost
+    lease: str | None = None
 
     @property
     def progress(self) -> float:

@@ -9,6 +9,7 @@ loses nothing committed: queued jobs stay queued and running ones are re-queued 
 from __future__ import annotations
 
 import json
+import logging
 import secrets
 import sqlite3
 import time
@@ -16,9 +17,11 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from kiln.errors import IdempotencyConflict, QueueFull
-from kiln.queue.job import Job, JobStatus, Priority, check_transition
+from kiln.errors import IdempotencyConflict, LeaseLost, QueueFull
+from kiln.queue.job import WORKER_LOST, Job, JobStatus, Priority, check_transition, worker_lost_message
 from kiln.sqlite import SqliteStore
+
+log = logging.getLogger(__name__)
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS jobs (
@@ -40,7 +43,8 @@ CREATE TABLE IF NOT EXISTS jobs (
     error_message TEXT,
     attempts INTEGER NOT NULL DEFAULT 0,
     worker_id TEXT,
-    cancel_requested INTEGER NOT NULL DEFAULT 0
+    cancel_requested INTEGER NOT NULL DEFAULT 0,
+    lease TEXT
 );
 CREATE INDEX IF NOT EXISTS jobs_by_status ON jobs (status, rank, created);
 CREATE TABLE IF NOT EXISTS idempotency (
@@ -63,6 +67,8 @@ class SqliteBroker(SqliteStore):
 
     ``aging_seconds``: how long a job waits before it competes one priority higher.
     ``idempotency_ttl``: how long an idempotency key maps to its job (24 h).
+    ``max_attempts``: claims a job gets; one left running by a dead worker that often ends failed
+    (``worker_lost``) at :meth:`recover` instead of running again.
     ``clock``: seconds since the epoch; tests pass a fake one instead of sleeping.
     """
 
@@ -72,12 +78,19 @@ class SqliteBroker(SqliteStore):
         *,
         aging_seconds: float = 60.0,
         idempotency_ttl: float = 24 * 3600.0,
+        max_attempts: int = 3,
         clock: Callable[[], float] = time.time,
     ) -> None:
         super().__init__(path, SCHEMA)
         self.aging = aging_seconds
         self.idempotency_ttl = idempotency_ttl
+        self.max_attempts = max_attempts
         self.clock = clock
+        # called with each job this broker ended as worker_lost (webhooks, metrics); must not block
+        self.on_lost: Callable[[Job], None] | None = None
+        with self.transaction() as db:  # a database from before leases
+            if "lease" not in {r["name"] for r in db.execute("PRAGMA table_info(jobs)")}:
+                db.execute("ALTER TABLE jobs ADD COLUMN lease TEXT")
 
     # --- API side --------------------------------------------------------------------------------
 
@@ -197,52 +210,75 @@ class SqliteBroker(SqliteStore):
                 return None
             job = self._get(db, row["id"])
             assert job is not None
-            self._set(db, job, JobStatus.RUNNING, started=now, worker_id=worker_id, attempts=job.attempts + 1)
+            self._set(db, job, JobStatus.RUNNING, started=now, worker_id=worker_id, attempts=job.attempts + 1,
+                      lease=secrets.token_hex(8))
             return self._get(db, job.id)
 
-    def report_progress(self, job_id: str, step: int, total_steps: int) -> bool:
+    def report_progress(self, job_id: str, step: int, total_steps: int, *, lease: str | None = None) -> bool:
         with self.transaction() as db:
+            if lease is not None:
+                self._require(db, job_id, lease)
             db.execute(
                 "UPDATE jobs SET step = ?, total_steps = ? WHERE id = ? AND status = 'running'", (step, total_steps, job_id)
             )
             row = db.execute("SELECT cancel_requested FROM jobs WHERE id = ?", (job_id,)).fetchone()
         return bool(row and row["cancel_requested"])
 
-    def complete(self, job_id: str, output: str, result: dict[str, Any]) -> Job:
-        return self._finish(job_id, JobStatus.COMPLETE, output=output, result=json.dumps(result))
+    def complete(self, job_id: str, output: str, result: dict[str, Any], *, lease: str | None = None) -> Job:
+        return self._finish(job_id, JobStatus.COMPLETE, lease, output=output, result=json.dumps(result))
 
-    def fail(self, job_id: str, code: str, message: str) -> Job:
-        return self._finish(job_id, JobStatus.FAILED, error_code=code, error_message=message)
+    def fail(self, job_id: str, code: str, message: str, *, lease: str | None = None) -> Job:
+        return self._finish(job_id, JobStatus.FAILED, lease, error_code=code, error_message=message)
 
-    def mark_cancelled(self, job_id: str) -> Job:
-        return self._finish(job_id, JobStatus.CANCELLED)
+    def mark_cancelled(self, job_id: str, *, lease: str | None = None) -> Job:
+        return self._finish(job_id, JobStatus.CANCELLED, lease)
 
-    def requeue(self, job_id: str) -> Job:
+    def requeue(self, job_id: str, *, lease: str | None = None) -> Job:
         with self.transaction() as db:
-            job = self._require(db, job_id)
-            self._set(db, job, JobStatus.QUEUED, started=None, worker_id=None, step=0, total_steps=0)
+            job = self._require(db, job_id, lease)
+            self._set(db, job, JobStatus.QUEUED, started=None, worker_id=None, step=0, total_steps=0, lease=None)
             return self._get(db, job_id)  # type: ignore[return-value]
 
     def recover(self) -> int:
         with self.transaction() as db:
+            lost = db.execute(
+                "SELECT id FROM jobs WHERE status = 'running' AND attempts >= ?", (self.max_attempts,)
+            ).fetchall()
+            for row in lost:
+                job = self._require(db, row["id"])
+                self._set(db, job, JobStatus.FAILED, finished=self.clock(), lease=None, error_code=WORKER_LOST,
+                          error_message=worker_lost_message(job.attempts))
             cur = db.execute(
-                "UPDATE jobs SET status = 'queued', started = NULL, worker_id = NULL, step = 0, total_steps = 0"
-                " WHERE status = 'running'"
+                "UPDATE jobs SET status = 'queued', started = NULL, worker_id = NULL, step = 0, total_steps = 0,"
+                " lease = NULL WHERE status = 'running'"
             )
-            return cur.rowcount
+        for row in lost:
+            self._lost(row["id"])
+        return cur.rowcount
+
+    def _lost(self, job_id: str) -> None:
+        log.warning("job %s stopped its worker %d times; it ends failed (worker_lost)", job_id, self.max_attempts)
+        if self.on_lost is not None:
+            try:
+                self.on_lost(self.get(job_id))  # type: ignore[arg-type]
+            except Exception:  # a notification problem must not stop recovery
+                log.exception("worker-lost hook failed for job %s", job_id)
 
     # --- internals -------------------------------------------------------------------------------
 
-    def _finish(self, job_id: str, status: JobStatus, **fields: Any) -> Job:
+    def _finish(self, job_id: str, status: JobStatus, lease: str | None, **fields: Any) -> Job:
         with self.transaction() as db:
-            job = self._require(db, job_id)
-            self._set(db, job, status, finished=self.clock(), **fields)
+            job = self._require(db, job_id, lease)
+            self._set(db, job, status, finished=self.clock(), lease=None, **fields)
             return self._get(db, job_id)  # type: ignore[return-value]
 
-    def _require(self, db: sqlite3.Connection, job_id: str) -> Job:
+    def _require(self, db: sqlite3.Connection, job_id: str, lease: str | None = None) -> Job:
+        """The job; with ``lease``, only while that lease is current (else :class:`LeaseLost`)."""
         job = self._get(db, job_id)
         if job is None:
             raise KeyError(job_id)
+        if lease is not None and (job.status is not JobStatus.RUNNING or job.lease != lease):
+            raise LeaseLost(f"job {job_id}: lease {lease} is no longer current (the job is {job.status})")
         return job
 
     @staticmethod
@@ -277,4 +313,5 @@ class SqliteBroker(SqliteStore):
             attempts=row["attempts"],
             worker_id=row["worker_id"],
             cancel_requested=bool(row["cancel_requested"]),
+            lease=row["lease"],
         )

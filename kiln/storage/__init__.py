@@ -1,7 +1,8 @@
 """Content-addressed asset storage: the :class:`AssetStore` contract and its embedded implementation.
 
-``LocalAssetStore`` keeps assets in a folder (the embedded default); an S3-compatible store for
-scale-out implements the same contract. ``WriteBehindStore`` wraps either so that a sync response
+``LocalAssetStore`` keeps assets in a folder (the embedded default); ``kiln.storage.s3.S3AssetStore``
+keeps them in an S3-compatible bucket for scale-out (imported from its module, so that only servers
+that use it load boto3). ``WriteBehindStore`` wraps either so that a sync response
 need not wait for its output's write. See :mod:`kiln.storage.base` for the contract and
 :mod:`kiln.storage.names` for kinds, media types and names.
 """

@@ -14,7 +14,8 @@ Serving an asset over HTTP with this contract::
 Errors: a malformed kind or name raises :class:`~kiln.errors.InvalidAssetName` (a subclass of
 :class:`~kiln.errors.AssetNotFound`, so a CDN route answers both with 404) before the store does
 any I/O; an unknown media type raises :class:`~kiln.errors.UnsupportedFormat`; I/O failures of the
-backend (disk full, permissions) propagate as ``OSError``.
+backend propagate as ``OSError`` (a folder: disk full, permissions) or
+:class:`~kiln.errors.StorageUnavailable` (an S3 endpoint down, credentials refused).
 """
 
 from __future__ import annotations

@@ -17,9 +17,12 @@ from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
 
 from kiln.engine import Engine, GenerationRequest, GenerationResult, Output, StepEvent
-from kiln.errors import CapacityExhausted, GenerationCancelled, GenerationError, KilnError
+from kiln.engine.lora import LoraFiles
+from kiln.engine.safety import SafetyChecker, flag_outputs
+from kiln.errors import CapacityExhausted, GenerationCancelled, GenerationError, KilnError, LeaseLost, NsfwDetected
 from kiln.queue import Broker, Job
 from kiln.storage import Asset, AssetStore
+from kiln.worker.heartbeat import Heartbeat
 from kiln.worker.payload import from_payload
 
 log = logging.getLogger(__name__)
@@ -27,15 +30,20 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class Stored:
-    """A finished generation whose outputs are in the asset store."""
+    """A finished generation whose outputs are in the asset store.
+
+    ``nsfw`` has one safety verdict per output of ``result`` (all False when the classifier did not
+    run); an output flagged under ``safety_check="withhold"`` was never stored, so ``assets`` holds
+    only the others, in order."""
 
     result: GenerationResult
     assets: list[Asset]
     media_type: str
-    first_bytes: bytes  # the first output, as the sync tier returns it
+    first_bytes: bytes  # the first stored output, as the sync tier returns it
     generate_ms: float = 0.0  # Engine.generate as the worker called it (planning and the model lock included)
     encode_ms: float = 0.0  # time spent encoding every output
     store_ms: float = 0.0  # time spent handing every output to the store (``put`` or ``put_soon``)
+    nsfw: list[bool] = field(default_factory=list)
 
 
 @dataclass
@@ -62,9 +70,13 @@ def capacity_exhausted(retry_after: int) -> CapacityExhausted:
 class Worker:
     def __init__(
         self, engine: Engine, broker: Broker, store: AssetStore, *, worker_id: str = "local", preload: tuple[str, ...] = (),
-        warmup: bool = True,
+        warmup: bool = True, safety: SafetyChecker | None = None, safety_default: bool = True,
     ) -> None:
         self.engine, self.broker, self.store, self.worker_id = engine, broker, store, worker_id
+        self.loras: LoraFiles | None = None  # where requests' LoRA adapters are found (kiln.loras.LoraStore)
+        # The image safety classifier (None: none configured, nothing is checked) and whether it runs
+        # for a request whose safety_check is None.
+        self.safety, self.safety_default = safety, safety_default
         self.preload = preload  # model keys loaded before the worker reports alive (ready)
         self.warmup = warmup  # run each preloaded model once (smallest format, fewest steps) before ready
         # Called with each job that reached a terminal state here (webhooks); must not block.
@@ -209,6 +221,8 @@ class Worker:
         )
         started = time.perf_counter()
         result = self.engine.generate(request)
+        if self.safety is not None:
+            flag_outputs(self.safety, result.outputs)  # its first run pays one-time costs too
         self._measure(result, time.perf_counter() - started)
         log.info("%s warmed up in %.2f s", spec.key, time.perf_counter() - started)
 
@@ -232,58 +246,82 @@ class Worker:
     def _run_job(self, job: Job) -> None:
         self.current_job = job.id
         cancel = self._job_cancel = threading.Event()
-
-        def on_step(event) -> None:
-            if self.broker.report_progress(job.id, event.step, event.total):
-                cancel.set()
-
         try:
-            stored = self._generate(from_payload(job.payload, self.store), on_step=on_step, cancel=cancel)
-        except GenerationCancelled:
-            if self._stopping and not self.broker.get(job.id).cancel_requested:
-                self.broker.requeue(job.id)  # shutdown, not the client: it runs again at next start
-                log.info("job %s handed back to the queue", job.id)
-                return
-            finished = self.broker.mark_cancelled(job.id)
-        except KilnError as exc:
-            finished = self.broker.fail(job.id, exc.code, exc.message)
-        except Exception:
-            log.exception("job %s failed", job.id)
-            finished = self.broker.fail(job.id, "generation_failed", "the generation failed; see the server log")
-        else:
-            result = stored.result
-            finished = self.broker.complete(
-                job.id,
-                f"/{stored.assets[0].kind}/{stored.assets[0].name}",
-                {
-                    "outputs": [f"/{a.kind}/{a.name}" for a in stored.assets],
-                    "seed": result.seed,
-                    "duration_ms": result.elapsed_ms,
-                    "width": result.width,
-                    "height": result.height,
-                },
-            )
+            with Heartbeat(self.broker, job, on_lost=cancel.set):
+                finished = self._execute(job, cancel)
+        except LeaseLost as exc:
+            # this worker was presumed dead (it stopped heartbeating) and the job is another's now
+            log.warning("%s; this run's result is dropped", exc.message)
+            return
         finally:
             self.current_job = None
             self._job_cancel = None
+        if finished is None:
+            return
         if self.on_terminal is not None:
             try:
                 self.on_terminal(finished)
             except Exception:  # a notification problem must never stop the worker
                 log.exception("terminal-state hook failed for job %s", job.id)
 
+    def _execute(self, job: Job, cancel: threading.Event) -> Job | None:
+        """Run a claimed job and store how it ended (every write carries its lease); None if it was
+        handed back to the queue."""
+
+        def on_step(event) -> None:
+            try:
+                if self.broker.report_progress(job.id, event.step, event.total, lease=job.lease):
+                    cancel.set()
+            except LeaseLost:
+                cancel.set()  # stop now; the write after the engine returns says so again
+
+        try:
+            stored = self._generate(from_payload(job.payload, self.store), on_step=on_step, cancel=cancel)
+        except GenerationCancelled:
+            if self._stopping and not self.broker.get(job.id).cancel_requested:
+                self.broker.requeue(job.id, lease=job.lease)  # shutdown, not the client: it runs again at next start
+                log.info("job %s handed back to the queue", job.id)
+                return None
+            return self.broker.mark_cancelled(job.id, lease=job.lease)
+        except KilnError as exc:
+            return self.broker.fail(job.id, exc.code, exc.message, lease=job.lease)
+        except Exception:
+            log.exception("job %s failed", job.id)
+            return self.broker.fail(job.id, "generation_failed", "the generation failed; see the server log",
+                                    lease=job.lease)
+        else:
+            result = stored.result
+            paths = [f"/{a.kind}/{a.name}" for a in stored.assets]
+            return self.broker.complete(
+                job.id,
+                paths[0] if paths else "",  # every output withheld by the safety check
+                {
+                    "outputs": paths,
+                    "seed": result.seed,
+                    "duration_ms": result.elapsed_ms,
+                    "width": result.width,
+                    "height": result.height,
+                    "nsfw": stored.nsfw,
+                },
+                lease=job.lease,
+            )
+
     def _generate(self, request: GenerationRequest, *, on_step=None, cancel=None, previews: bool = False,
                   durable: bool = True) -> Stored:
-        """Run, encode and store. ``durable=False`` (sync requests: the client gets the bytes in the
-        response) lets the store write after answering; a job's output is durable before it completes."""
+        """Run, check, encode and store. ``durable=False`` (sync requests: the client gets the bytes in
+        the response) lets the store write after answering; a job's output is durable before it
+        completes. The safety check runs before anything is stored: a flagged output never gets a URL."""
         started = time.perf_counter()
-        result = self.engine.generate(request, on_step=on_step, cancel=cancel, previews=previews)
+        result = self.engine.generate(request, on_step=on_step, cancel=cancel, previews=previews, loras=self.loras)
+        nsfw = self._safety_verdicts(request, result)
         generated = time.perf_counter()
         assets, first = [], b""
         media_type = "application/octet-stream"
         encode_s = store_s = 0.0
         put = self.store.put if durable else self.store.put_soon
-        for output in result.outputs:
+        for output, flagged in zip(result.outputs, nsfw, strict=True):
+            if flagged:
+                continue  # withheld (a refused request raised above)
             t0 = time.perf_counter()
             data, media_type, kind = _encode(output, request.encoding)
             t1 = time.perf_counter()
@@ -293,7 +331,24 @@ class Worker:
             first = first or data
         self._measure(result, time.perf_counter() - started)
         return Stored(result=result, assets=assets, media_type=media_type, first_bytes=first,
-                      generate_ms=(generated - started) * 1e3, encode_ms=encode_s * 1e3, store_ms=store_s * 1e3)
+                      generate_ms=(generated - started) * 1e3, encode_ms=encode_s * 1e3, store_ms=store_s * 1e3,
+                      nsfw=nsfw)
+
+    def _safety_verdicts(self, request: GenerationRequest, result: GenerationResult) -> list[bool]:
+        """One verdict per output; :class:`NsfwDetected` if one is flagged and the request refuses them."""
+        mode = request.safety_check or ("refuse" if self.safety_default else "off")
+        if self.safety is None or mode == "off":
+            return [False] * len(result.outputs)
+        nsfw = flag_outputs(self.safety, result.outputs)
+        if any(nsfw):
+            flagged = [i for i, f in enumerate(nsfw) if f]
+            log.info("safety classifier flagged output(s) %s of a %s request (%s)", flagged, result.model, mode)
+            if mode == "refuse":
+                raise NsfwDetected(
+                    "Content policy violation: the safety classifier flagged the generated image; "
+                    "try another prompt or seed", details={"outputs": flagged},
+                )
+        return nsfw
 
 
 def work_units(steps: int, width: int, height: int, num_frames: int | None = None, outputs: int = 1) -> float:

@@ -160,15 +160,20 @@ async def image_input(svc: Services, value: str, field: str) -> bytes:
 # --- sizes -----------------------------------------------------------------------------------------
 
 
-def format_for_size(svc: Services, spec: ModelSpec, width: int, height: int, shown: str) -> str:
-    """The catalog format of ``spec`` that is exactly ``width`` x ``height``."""
+def size_fields(svc: Services, spec: ModelSpec, width: int, height: int, shown: str) -> dict[str, object]:
+    """The canonical request's size fields for ``width`` x ``height``: the catalog format of ``spec``
+    that is exactly that size, else the pixel size itself where the model's ``sizes`` range takes it."""
     for name in spec.formats:
         if svc.catalog.size_of(spec, name) == (width, height):
-            return name
+            return {"format": name}
+    if spec.sizes is not None and (width, height) in spec.sizes:
+        return {"width": width, "height": height}
     offered = [shown.format(w=w, h=h) for w, h in sizes(svc, spec)]
+    also = f", or each side {spec.sizes.min} to {spec.sizes.max}" if spec.sizes is not None else ""
     raise UnsupportedFormat(
-        f"size {shown.format(w=width, h=height)} is not offered for this model; sizes: {', '.join(offered)}",
-        details={"param": "size", "sizes": offered},
+        f"size {shown.format(w=width, h=height)} is not offered for this model; sizes: {', '.join(offered)}{also}",
+        details={"param": "size", "sizes": offered}
+        | ({"size_range": [spec.sizes.min, spec.sizes.max]} if spec.sizes is not None else {}),
     )
 
 

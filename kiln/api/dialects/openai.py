@@ -2,13 +2,16 @@
 
 So that the official ``openai`` package works with ``base_url`` pointed at Kiln. ``model`` is a
 catalog name (``flux/mini``, ``flux/dev`` or an alias such as ``flux/fast``; the catalog's default
-model when left out); ``size`` is ``WIDTHxHEIGHT`` of one of the model's formats (or ``auto``).
+model when left out); ``size`` is ``WIDTHxHEIGHT`` (one of the model's formats, or any size in its
+catalog ``sizes`` range: OpenAI's 1024x1024, 1536x1024, 1024x1536, 512x512 and 256x256 on FLUX) or ``auto``.
 Kiln extension: ``seed`` (through the client's ``extra_body``), output *i* is what seed + *i* gives.
 
 Requests run on the sync tier, like the render API's sync routes. Controls Kiln does not have
 (``style``, ``output_compression``, a ``quality`` or ``background`` other than the default, ...)
 are refused with ``param`` naming them, never ignored. An edit's ``mask`` follows OpenAI: its fully
-transparent pixels mark what is regenerated. Every error is ``{"error": {message, type, param, code}}``.
+transparent pixels mark what is regenerated. Every error is ``{"error": {message, type, param, code}}``;
+a prompt the operator's filter refuses and an output the safety classifier flags are both OpenAI's
+400 ``content_policy_violation``.
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ from kiln.api.dialects.common import (
     all_bytes,
     checked,
     documented_body,
-    format_for_size,
+    size_fields,
     guarded,
     json_body,
     not_found,
@@ -52,6 +55,7 @@ from kiln.errors import (
     InvalidParameters,
     InvalidPrompt,
     KilnError,
+    NsfwDetected,
     PromptFiltered,
     UnknownModel,
     UnsupportedFormat,
@@ -76,7 +80,7 @@ def error_response(exc: KilnError) -> JSONResponse:
         status, kind, code = 429, "insufficient_quota", "insufficient_quota"
     elif status == 429:
         kind = "requests"
-    elif isinstance(exc, PromptFiltered):
+    elif isinstance(exc, PromptFiltered | NsfwDetected):  # OpenAI answers both as a 400 content policy violation
         status, code = 400, "content_policy_violation"
     elif isinstance(exc, UnknownModel):
         param = "model"
@@ -99,7 +103,7 @@ class _Common(BaseModel):
     prompt: str = Field(max_length=MAX_PROMPT_CHARS)
     model: str | None = Field(default=None, max_length=130)
     n: int | None = Field(default=None, ge=1, le=MAX_OUTPUTS, description=f"1-{MAX_OUTPUTS} on this server")
-    size: str | None = Field(default=None, max_length=16, description="WIDTHxHEIGHT of one of the model's formats, or auto")
+    size: str | None = Field(default=None, max_length=16, description="WIDTHxHEIGHT (a format of the model or within its size range), or auto")
     response_format: Literal["url", "b64_json"] | None = None
     output_format: Literal["png", "jpeg", "webp"] | None = None
     user: str | None = Field(default=None, max_length=256, description="the caller's end user; not used in generation")
@@ -184,7 +188,7 @@ async def _generate(request: Request, key, body: _Common, task: str, image: byte
     spec = _spec(svc, body.model)
     encoding = body.output_format or "png"
     canonical = await checked(svc, GenerationRequest.create(
-        family=spec.family, model=spec.model, task=task, format=_format(svc, spec, body.size),
+        family=spec.family, model=spec.model, task=task, **_size(svc, spec, body.size),
         prompt=body.prompt, seed=body.seed, image=image, mask=mask, num_outputs=body.n or 1, encoding=encoding,
     ))
     stored = await run_now(request, canonical, key, label=f"{canonical.family}/{canonical.model}")
@@ -204,14 +208,14 @@ def _spec(svc: Services, model: str | None) -> ModelSpec:
     return spec
 
 
-def _format(svc: Services, spec: ModelSpec, size: str | None) -> str:
+def _size(svc: Services, spec: ModelSpec, size: str | None) -> dict[str, object]:
     if size is None or size == "auto":
-        return spec.formats[0]
+        return {"format": spec.formats[0]}
     width, sep, height = size.partition("x")
     if not (sep and width.isdigit() and height.isdigit()):
         raise UnsupportedFormat(f"size is WIDTHxHEIGHT (for example 1024x1024) or auto, got {size!r}",
                                 details={"param": "size"})
-    return format_for_size(svc, spec, int(width), int(height), "{w}x{h}")
+    return size_fields(svc, spec, int(width), int(height), "{w}x{h}")
 
 
 def _mask_from_alpha(data: bytes) -> bytes:

@@ -3,17 +3,22 @@
 The body is ``multipart/form-data`` with ``prompt`` and ``style`` (required), ``aspect_ratio``
 (default ``1:1``) and ``seed``. A style names a catalog model through the catalog's
 ``[dialects.vyro]`` table; an aspect ratio picks the first of that model's formats with that shape
-(``1:1``, ``16:9``, ``9:16``, ``4:3``, ``3:4`` with the default catalog). The answer is the PNG; it
-runs on the sync tier, like the render API's sync routes.
+(``1:1``, ``16:9``, ``9:16``, ``4:3``, ``3:4`` with the default catalog), and any other ratio up to
+4:1 (``3:2``, ``2:3``, ``21:9``, ``5:4``, ...) a pixel size of that shape and about the model's first
+format's area, where the model's catalog ``sizes`` take it. The answer is the PNG; it runs on the
+sync tier, like the render API's sync routes.
 
 Errors are ``{"status": "error", "code": <number>, "error": <name>, "message": <what to change>}``,
 with the reference's codes for the conditions they name (:data:`CODES`, mapped in one place). The
 reference's codes for conditions Kiln does not have (captchas 1003-1004, application, device and
-account checks 1005-1007, Redis 1201) are never sent.
+account checks 1005-1007, Redis 1201) are never sent. The reference has no code for content policy:
+a prompt the operator's filter refuses and an output the safety classifier flags (``nsfw_detected``)
+are 1100, an invalid request, with the message saying which.
 """
 
 from __future__ import annotations
 
+import re
 import sqlite3
 from math import gcd
 
@@ -138,7 +143,7 @@ async def generations(request: Request) -> Response:
     body = parse(GenerationsForm, {k: v for k, v in fields.items() if not (k == "seed" and v == "")})
     spec, _ = svc.catalog.resolve_dialect(NAME, body.style, what="style")
     canonical = await checked(svc, GenerationRequest.create(
-        family=spec.family, model=spec.model, task="t2i", format=_format(svc, spec, body.aspect_ratio),
+        family=spec.family, model=spec.model, task="t2i", **_size(svc, spec, body.aspect_ratio),
         prompt=body.prompt, seed=body.seed, encoding="png",
     ))
     stored = await run_now(request, canonical, key, label=f"{canonical.family}/{canonical.model}")
@@ -154,15 +159,35 @@ async def unknown(request: Request) -> Response:
     raise not_found(request)
 
 
-def _format(svc: Services, spec: ModelSpec, aspect_ratio: str) -> str:
-    """The first of the model's formats with that shape (the catalog lists a model's preferred first)."""
+RATIO = re.compile(r"^\s*(\d{1,2})\s*:\s*(\d{1,2})\s*$")
+MAX_ELONGATION = 4  # 4:1 at most, either way
+
+
+def _size(svc: Services, spec: ModelSpec, aspect_ratio: str) -> dict[str, object]:
+    """The first of the model's formats with that shape (the catalog lists a model's preferred
+    first); for another ratio (``3:2``, ``21:9``, ...), a pixel size of that shape and about the
+    first format's area, where the model's catalog ``sizes`` take it."""
     shapes: dict[str, str] = {}
     for name in spec.formats:
         width, height = svc.catalog.size_of(spec, name)
         d = gcd(width, height)
         shapes.setdefault(f"{width // d}:{height // d}", name)
-    fmt = shapes.get(aspect_ratio.strip())
-    if fmt is None:
-        raise InvalidParameters(f"aspect_ratio must be one of {', '.join(shapes)}; got {aspect_ratio!r}",
+    match = RATIO.match(aspect_ratio)
+    if match is None or not int(match[1]) or not int(match[2]):
+        raise InvalidParameters(f"aspect_ratio is WIDTH:HEIGHT, for example 1:1, 16:9 or 3:2; got {aspect_ratio!r}",
                                 details={"param": "aspect_ratio", "allowed": list(shapes)})
-    return fmt
+    w, h = int(match[1]), int(match[2])
+    d = gcd(w, h)
+    w, h = w // d, h // d
+    if f"{w}:{h}" in shapes:
+        return {"format": shapes[f"{w}:{h}"]}
+    if spec.sizes is None or max(w, h) > MAX_ELONGATION * min(w, h):
+        also = f", or any ratio up to {MAX_ELONGATION}:1" if spec.sizes is not None else ""
+        raise InvalidParameters(f"aspect_ratio must be one of {', '.join(shapes)}{also}; got {aspect_ratio!r}",
+                                details={"param": "aspect_ratio", "allowed": list(shapes)})
+    base_w, base_h = svc.catalog.size_of(spec, spec.formats[0])
+    step = 16  # the engine generates at the architecture's multiple and centre-crops to this
+    scale = ((base_w * base_h) / (w * h)) ** 0.5
+    width = min(spec.sizes.max, max(spec.sizes.min, round(w * scale / step) * step))
+    height = min(spec.sizes.max, max(spec.sizes.min, round(h * scale / step) * step))
+    return {"width": width, "height": height}

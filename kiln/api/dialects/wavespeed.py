@@ -12,12 +12,26 @@ minute and 20 unfinished tasks per key on this door (settings ``wavespeed_rate_p
 route shows, signed like every Kiln webhook. ``enable_sync_mode`` waits for the task (up to
 ``wavespeed_sync_wait_s``) and answers with it.
 
-Where Kiln differs, it says so rather than pretend: ``size`` must be one of the model's formats
-(the error lists them); ``loras`` other than an empty list are refused (no LoRA loading yet);
-``strength`` 0 is refused (nothing would change); Kiln has no image safety classifier, so
-``has_nsfw_contents`` is false for every output whatever ``enable_safety_checker`` says (the
-operator's prompt filter applies to every request). Steps and guidance, when left out, are the
+``size`` is ``WIDTH*HEIGHT`` within the version's per-side limits (v2 512-1536, v3 256-1536) and
+the model's: one of its formats, or any size its catalog ``sizes`` range takes (the error lists both).
+
+``loras[].path`` is an http(s) URL of a ``.safetensors`` file or a Hugging Face repo id
+(``owner/name``, or ``owner/name/file.safetensors`` when it holds several), ``scale`` 0-4; models
+whose catalog entry takes no LoRAs (schnell, Z-Image) refuse them, saying why (see
+:mod:`kiln.api.loras`).
+
+Where Kiln differs, it says so rather than pretend: ``strength`` 0 is refused (nothing would change). Steps and guidance, when left out, are the
 defaults the catalog gives the model path (else the model's own).
+
+Safety: with ``enable_safety_checker`` true, the operator's image safety classifier (setting
+``safety_checker``) checks every output before it is stored; ``has_nsfw_contents[i]`` is its verdict
+on output *i*, and a flagged output is withheld: never stored, its ``outputs[i]`` an empty string, so
+the two arrays stay parallel (the reference defines ``has_nsfw_contents`` per output) and the task
+still completes with the others. With ``enable_safety_checker`` false the classifier does not run
+(the reference's "If set to true, the safety checker will be enabled") and ``has_nsfw_contents`` is
+all false. Left out, it is the server's ``safety_checker_default`` (true unless the operator changed
+it, as the reference's default). A server with no classifier reports false for every output. The
+operator's prompt filter applies to every request either way.
 """
 
 from __future__ import annotations
@@ -39,19 +53,21 @@ from kiln.api.auth import count_request, identify, required_token, services
 from kiln.api.dialects.common import (
     checked,
     documented_body,
-    format_for_size,
     guarded,
     image_input,
     json_body,
     not_found,
     output_names,
     parse,
+    size_fields,
 )
 from kiln.api.errors import ApiError, status_of
 from kiln.api.jobs import absolute, own_job
+from kiln.api.loras import resolve_loras
 from kiln.api.services import Services
 from kiln.api.submit import queue_job
 from kiln.api.webhooks import checked_webhook
+from kiln.engine.plan import check_lora_support
 from kiln.engine.request import MAX_PROMPT_CHARS, MAX_SEED, GenerationRequest
 from kiln.errors import InvalidImage, InvalidParameters, KilnError
 from kiln.keys import KeyRecord
@@ -106,7 +122,9 @@ class _Submit(BaseModel):
     num_images: int = Field(default=1, ge=1, le=4)
     output_format: Literal["jpeg", "png", "webp"] = "jpeg"
     enable_base64_output: bool = False
-    enable_safety_checker: bool = True
+    enable_safety_checker: bool | None = Field(
+        default=None, description="check outputs and withhold flagged ones (default: the server's setting, true)"
+    )
     enable_sync_mode: bool = False
 
 
@@ -224,9 +242,6 @@ async def _submit(request: Request, version: str) -> Response:
             raise InvalidParameters("webhooks are switched off on this server; query the result", details={"param": "webhook"})
         webhook = checked_webhook(webhook)
     body = parse(BODY[version], await json_body(request))
-    if body.loras:
-        raise InvalidParameters("loras: LoRAs are not available on this server yet; send an empty list",
-                                details={"param": "loras"})
     image = await _image(svc, body.image, "image")
     mask = await _image(svc, body.mask_image, "mask_image")
     if mask is not None and image is None:
@@ -235,12 +250,18 @@ async def _submit(request: Request, version: str) -> Response:
         raise InvalidParameters("strength 0 would leave the image unchanged; send more than 0", details={"param": "strength"})
     canonical = await checked(svc, GenerationRequest.create(
         family=spec.family, model=spec.model, task="edit" if mask else "i2i" if image else "t2i",
-        format=_format(svc, spec, body.size, version), prompt=body.prompt,
+        **_size(svc, spec, body.size, version), prompt=body.prompt,
         steps=body.num_inference_steps if body.num_inference_steps is not None else target.steps,
         guidance=body.guidance_scale if body.guidance_scale is not None else target.guidance,
         seed=None if body.seed == -1 else body.seed, strength=body.strength if image else None,
         image=image, mask=mask, num_outputs=body.num_images, encoding=body.output_format,
+        safety_check="withhold" if _safety_on(svc, body) else "off",
     ))
+    if body.loras:
+        # every other check passed first, so nothing is downloaded for a task that would fail anyway
+        check_lora_support(spec, svc.catalog, field="loras")
+        refs = await resolve_loras(svc, [(lora.path, lora.scale) for lora in body.loras], field="loras", repo_ids=True)
+        canonical = canonical.model_copy(update={"loras": refs})
     tasks: OpenTasks = request.app.state.wavespeed_tasks
     if key is not None:
         tasks.admit(svc, key.id, svc.settings.wavespeed_max_concurrent)
@@ -280,7 +301,12 @@ async def _image(svc: Services, value: str | None, field: str) -> bytes | None:
     return data
 
 
-def _format(svc: Services, spec, size: str, version: str) -> str:
+def _safety_on(svc: Services, body: _Submit) -> bool:
+    on = body.enable_safety_checker
+    return svc.settings.safety_checker_default if on is None else on
+
+
+def _size(svc: Services, spec, size: str, version: str) -> dict[str, object]:
     match = SIZE.fullmatch(size.strip())
     if match is None:
         raise InvalidParameters(f"size is WIDTH*HEIGHT, for example 1024*1024; got {size!r}", details={"param": "size"})
@@ -289,7 +315,7 @@ def _format(svc: Services, spec, size: str, version: str) -> str:
     if not (low <= width <= high and low <= height <= high):
         raise InvalidParameters(f"size: each side is {low} to {high} in {version}; got {width}*{height}",
                                 details={"param": "size"})
-    return format_for_size(svc, spec, width, height, "{w}*{h}")
+    return size_fields(svc, spec, width, height, "{w}*{h}")
 
 
 # --- the task, as both versions show it ------------------------------------------------------------
@@ -304,12 +330,17 @@ def task(svc: Services, job: Job, version: str) -> dict[str, Any]:
     dialect = job.payload.get("dialect") or {}
     request = job.payload.get("request", {})
     outputs: list[str] = []
+    nsfw: list[bool] = []
     if job.status is JobStatus.COMPLETE:
         names = output_names(job)
         if dialect.get("base64"):
-            outputs = [base64.b64encode(svc.store.read(kind, name)).decode() for kind, name in names]  # type: ignore[arg-type]
+            stored = [base64.b64encode(svc.store.read(kind, name)).decode() for kind, name in names]  # type: ignore[arg-type]
         else:
-            outputs = [absolute(svc, f"/{kind}/{name}") for kind, name in names]
+            stored = [absolute(svc, f"/{kind}/{name}") for kind, name in names]
+        # one verdict per generated output; the stored ones are the unflagged, in order
+        nsfw = (job.result or {}).get("nsfw") or [False] * len(stored)
+        kept = iter(stored)
+        outputs = ["" if flagged else next(kept, "") for flagged in nsfw]
     error = ""
     if job.status is JobStatus.FAILED:
         error = job.error_message or job.error_code or "the task failed"
@@ -321,7 +352,7 @@ def task(svc: Services, job: Job, version: str) -> dict[str, Any]:
         "model": dialect.get("model") or f"{request.get('family')}/{request.get('model')}",
         "outputs": outputs,
         "urls": {"get": absolute(svc, f"/api/{version}/predictions/{job.id}/result")},
-        "has_nsfw_contents": [False] * len(outputs),
+        "has_nsfw_contents": nsfw,
         "status": STATUS[job.status],
         "created_at": _iso_ms(job.created),
         "error": error,

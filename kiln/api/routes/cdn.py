@@ -10,6 +10,7 @@ import re
 
 from fastapi import APIRouter, Request
 from fastapi.responses import Response, StreamingResponse
+from starlette.concurrency import run_in_threadpool
 
 from kiln.api.auth import services
 from kiln.api.errors import ApiError
@@ -24,24 +25,25 @@ RANGE = re.compile(r"^bytes=(\d{0,19})-(\d{0,19})$")
 @router.head("/i/{name}", include_in_schema=False)
 async def image_asset(name: str, request: Request) -> Response:
     """A generated image."""
-    return _serve(request, "i", name)
+    return await run_in_threadpool(_serve, request, "i", name)
 
 
 @router.get("/v/{name}")
 @router.head("/v/{name}", include_in_schema=False)
 async def video_asset(name: str, request: Request) -> Response:
     """A generated video (byte ranges supported)."""
-    return _serve(request, "v", name)
+    return await run_in_threadpool(_serve, request, "v", name)
 
 
 @router.get("/u/{name}")
 @router.head("/u/{name}", include_in_schema=False)
 async def upload_asset(name: str, request: Request) -> Response:
     """An uploaded input image (kept 24 hours)."""
-    return _serve(request, "u", name)
+    return await run_in_threadpool(_serve, request, "u", name)
 
 
 def _serve(request: Request, kind: str, name: str) -> Response:
+    # in a worker thread: stat and open are network round trips when the store is S3
     store = services(request).store
     asset = store.stat(kind, name)  # a malformed name raises InvalidAssetName: 404 like a missing one
     if asset is None:

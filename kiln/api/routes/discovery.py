@@ -57,6 +57,12 @@ def _model(spec: ModelSpec, backends: tuple[str, ...]) -> dict[str, Any]:
         info["guidance"] = "ignored"
     if spec.samplers:
         info.update(samplers=spec.samplers, schedulers=spec.schedulers)
+    info["loras"] = spec.lora  # takes LoRA adapters (else lora_refusal says why)
+    if not spec.lora and spec.lora_refusal:
+        info["lora_refusal"] = spec.lora_refusal
+    info["negative_prompt"] = spec.negative_prompt
+    if spec.sizes is not None:  # what the doors that name pixel sizes (WaveSpeed, OpenAI) accept
+        info["size_range"] = [spec.sizes.min, spec.sizes.max]
     if spec.video is not None:
         info.update(fps=spec.video.fps, duration_range=[spec.video.duration.min, spec.video.duration.max])
     return {

@@ -6,6 +6,7 @@ import io
 
 from fastapi import APIRouter, Depends, Request, UploadFile
 from PIL import Image, UnidentifiedImageError
+from starlette.concurrency import run_in_threadpool
 
 from kiln.api.auth import authenticate, services
 from kiln.api.errors import ApiError
@@ -33,7 +34,7 @@ async def upload(file: UploadFile, request: Request, key: KeyRecord | None = Dep
         if len(data) > limit:
             raise InvalidImage(f"the upload is larger than {limit // 2**20} MB")
     media_type = _check(bytes(data))
-    asset = svc.store.put(bytes(data), "u", media_type)
+    asset = await run_in_threadpool(svc.store.put, bytes(data), "u", media_type)  # S3: round trips
     return {"url": f"{svc.settings.base_url()}/u/{asset.name}"}
 
 

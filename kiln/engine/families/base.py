@@ -30,6 +30,9 @@ class Adapter:
     count_argument: ClassVar[str] = "num_images_per_prompt"
     # Width and height the pipeline accepts are multiples of this (VAE factor x latent patch).
     size_multiple: ClassVar[int] = 16
+    # Whether its i2i pipeline takes latents as `image` (the space spatial_latents gives from an
+    # `output_type="latent"` call) and adds noise to them at its starting sigma: latent_upscale needs it.
+    latent_img2img: ClassVar[bool] = False
 
     def call_kwargs(self, plan: Plan, pipe: Any) -> dict[str, Any]:
         """Arguments for ``pipe(...)`` beyond the ones every pipeline shares (see the engine)."""

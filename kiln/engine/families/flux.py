@@ -13,6 +13,8 @@ class FluxAdapter(Adapter):
     name = "flux"
     pipeline_classes = frozenset({"FluxPipeline", "FluxImg2ImgPipeline", "FluxInpaintPipeline"})
     strength_tasks = frozenset({"i2i", "edit"})
+    # FluxImg2ImgPipeline takes an `image` tensor with the VAE's latent channels as latents as they are.
+    latent_img2img = True
 
     def call_kwargs(self, plan, pipe) -> dict[str, Any]:
         kwargs = super().call_kwargs(plan, pipe)
