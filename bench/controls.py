@@ -2,7 +2,7 @@
 
 Usage::
 
-    python bench/controls.py            # ~3 min on 2 cores; writes bench/results/controls-<date>.{json,md}
+    python bench/controls.py            # ~2 min on 2 cores; writes bench/results/controls-<date>.{json,md}
     python bench/controls.py --quick    # 3 rounds, prints only (add --write to save)
 
 Setup: the default catalog's ``flux/mini`` (the embedded model, the CPU default), ``t2i`` at

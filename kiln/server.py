@@ -13,12 +13,13 @@ from typing import Any
 from fastapi import FastAPI
 
 from kiln.api.app import create_app
+from kiln.api.finished import FinishedWatch, node_name
 from kiln.api.services import Services
 from kiln.api.webhooks import address_check, notify_terminal
 from kiln.catalog import load_catalog
 from kiln.engine import Engine
 from kiln.engine.safety import load_safety_checker
-from kiln.keys import KeyStore
+from kiln.keys import open_key_store, open_limiter, open_slots
 from kiln.loras import LoraStore
 from kiln.maintenance import Janitor
 from kiln.queue import Broker, SqliteBroker
@@ -26,6 +27,7 @@ from kiln.settings import Settings, SettingsError
 from kiln.storage import AssetStore, LocalAssetStore, WriteBehindStore
 from kiln.webhooks import DEFAULT_SCHEDULE, GIVE_UP_AFTER, Dispatcher, Outbox
 from kiln.worker import Worker
+from kiln.worker.absent import NoWorker
 
 log = logging.getLogger(__name__)
 
@@ -38,9 +40,12 @@ class Runtime:
     worker: Any  # kiln.worker.Worker, or a stand-in with start/stop in tests
     dispatcher: Dispatcher
     janitor: Janitor
+    watch: Any = None  # kiln.api.finished.FinishedWatch with Redis: webhooks of jobs finished anywhere
 
     def start(self) -> None:
         self.resend_missed_webhooks()
+        if self.watch is not None:
+            self.watch.start()
         self.worker.start()
         self.dispatcher.start()
         self.janitor.start()
@@ -49,8 +54,8 @@ class Runtime:
         """A process killed between finishing a job and queueing its webhook would lose it: queue
         every recent terminal job's webhook again (the outbox ignores ones it already has)."""
         svc = self.services
-        if svc.outbox is None or not hasattr(svc.broker, "finished_since"):
-            return 0
+        if svc.outbox is None or not hasattr(svc.broker, "finished_since") or self.watch is not None:
+            return 0  # with Redis the watch's first sweep does it, once across nodes
         jobs = [j for j in svc.broker.finished_since(time.time() - GIVE_UP_AFTER) if j.payload.get("webhook")]
         for job in jobs:
             notify_terminal(svc, job)
@@ -58,6 +63,8 @@ class Runtime:
 
     def stop(self) -> None:
         self.worker.stop()  # finishes or hands back the job in hand
+        if self.watch is not None:
+            self.watch.stop()
         self.dispatcher.stop(timeout=10)  # pending deliveries resume from the outbox at next start
         self.janitor.stop()
         self.services.store.close()  # the sync outputs still being written land before exit
@@ -75,12 +82,14 @@ def build_runtime(
     engine = engine or Engine(catalog)
     # loaded first, so a bad safety_checker stops start-up (before any file is opened), never a request
     safety = None
-    if worker is None and settings.safety_checker:
+    if worker is None and settings.safety_checker and settings.local_worker:
         safety = load_safety_checker(settings.safety_checker, device=engine.device)
     broker = make_broker(settings)
     store = build_store(settings)
-    keys = KeyStore(settings.database)
+    keys = open_key_store(settings.database, settings.redis_url)  # with Redis: shared by every API node
     outbox = Outbox(settings.database, schedule=webhook_schedule)
+    if worker is None and not settings.local_worker:
+        worker = NoWorker(settings.retry_after_s)  # jobs run on `kiln worker` processes
     if worker is None:
         worker = Worker(engine, broker, store, preload=(catalog.default_model,), warmup=settings.warmup,
                         worker_id=f"{socket.gethostname()}:{os.getpid()}" if settings.redis_url else "local",
@@ -91,6 +100,8 @@ def build_runtime(
     services = Services(
         settings=settings, catalog=catalog, broker=broker, store=store, keys=keys, worker=worker,
         validate=engine.plan, outbox=outbox, loras=loras,
+        limiter=open_limiter("requests", settings.redis_url), upload_limiter=open_limiter("uploads", settings.redis_url),
+        task_slots=open_slots("tasks", settings.redis_url),
     )
 
     def secret_for(key_id: str) -> str | None:
@@ -99,9 +110,14 @@ def build_runtime(
         return record.webhook_secret if record else None
 
     dispatcher = Dispatcher(outbox, secret_for=secret_for, check_url=address_check(services.fetch_policy))
+    watch = FinishedWatch(services, node_name(settings)) if hasattr(broker, "claim_notice") else None
+
     def on_terminal(job) -> None:
         services.metrics.observe_job(job)
-        notify_terminal(services, job)
+        if watch is not None:
+            watch.notify(job)  # sent by one API node, whichever worker ran it
+        else:
+            notify_terminal(services, job)
 
     worker.on_terminal = on_terminal
     broker.on_lost = on_terminal  # jobs failed as worker_lost by recovery or a takeover
@@ -114,7 +130,7 @@ def build_runtime(
         ]
 
     janitor = Janitor(store, upload_ttl_s=settings.upload_ttl_s, in_use=inputs_in_use)
-    return Runtime(services, worker, dispatcher, janitor)
+    return Runtime(services, worker, dispatcher, janitor, watch)
 
 
 def build_store(settings: Settings) -> AssetStore:

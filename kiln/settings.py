@@ -36,8 +36,9 @@ class Settings(BaseModel):
     retry_after_s: int = Field(default=5, ge=1, le=3600, description="Retry-After sent with 503 capacity_exhausted")
     queue_max_depth: int = Field(default=1000, ge=1)
     aging_s: float = Field(default=60.0, gt=0.0, description="a queued job competes one priority higher per this wait")
-    redis_url: str | None = Field(default=None, description="redis://host:6379/0: queue jobs in Redis (scale-out), "
-                                                            "not in the embedded SQLite file")
+    redis_url: str | None = Field(default=None, description="redis://host:6379/0: queue jobs, keep API keys and "
+                                                            "rate counters in Redis (scale-out), not in the "
+                                                            "embedded SQLite file")
     lease_s: float = Field(default=30.0, gt=0.0, le=3600.0,
                            description="with Redis: a worker silent this long loses its job to another worker")
     job_max_attempts: int = Field(default=3, ge=1, le=100,
@@ -73,6 +74,13 @@ class Settings(BaseModel):
     s3_secret_key: SecretStr | None = Field(default=None, description="never logged or shown")
     s3_prefix: str = Field(default="", description="key prefix inside the bucket, e.g. kiln/")
     warmup: bool = Field(default=True, description="run the default model once at start, before /readyz says ready")
+    local_worker: bool = Field(default=True, description="run a worker in the API process (off: jobs run only "
+                                                         "on `kiln worker` processes; needs redis_url)")
+    worker_port: int = Field(default=8081, ge=0, le=65535,
+                             description="`kiln worker`: port of /healthz, /readyz and /metrics (0: none)")
+    shutdown_grace_s: float = Field(default=30.0, ge=0.0, le=3600.0,
+                                    description="`kiln worker`: on SIGTERM, how long the job in hand may take to "
+                                                "finish before it is handed back to the queue")
 
     @field_validator("hf_endpoint")
     @classmethod
@@ -106,6 +114,13 @@ class Settings(BaseModel):
             raise ValueError(
                 "s3_access_key and s3_secret_key go together: set both, or neither to use the AWS environment"
             )
+        return self
+
+    @model_validator(mode="after")
+    def _workerless_needs_redis(self) -> Settings:
+        if not self.local_worker and not self.redis_url:
+            raise ValueError("local_worker off (--no-worker) needs redis_url (--redis): without Redis no "
+                             "`kiln worker` process can take the jobs")
         return self
 
     @field_validator("redis_url")

@@ -14,7 +14,7 @@ from kiln.loras import LoraStore
 from kiln.api.metrics import Metrics
 from kiln.api.policy import PromptFilter
 from kiln.catalog import Catalog
-from kiln.keys import KeyStore, RateLimiter
+from kiln.keys import KeyBackend, Limiter, RateLimiter, Slots, TaskSlots
 from kiln.queue import Broker
 from kiln.settings import Settings
 from kiln.storage import AssetStore
@@ -42,13 +42,14 @@ class Services:
     catalog: Catalog
     broker: Broker
     store: AssetStore
-    keys: KeyStore
+    keys: KeyBackend
     worker: WorkerHandle
     # Validates a canonical request against the catalog and decodes its inputs (the engine's
     # planner); raises Kiln's user errors. Blocking: call it in a thread.
     validate: Callable[[GenerationRequest], Any]
-    limiter: RateLimiter = field(default_factory=RateLimiter)
-    upload_limiter: RateLimiter = field(default_factory=RateLimiter)
+    limiter: Limiter = field(default_factory=RateLimiter)
+    upload_limiter: Limiter = field(default_factory=RateLimiter)
+    task_slots: Slots = field(default_factory=TaskSlots)  # each key's unfinished WaveSpeed-style tasks
     backends: tuple[str, ...] = ("torch",)
     outbox: Outbox | None = None  # webhook deliveries; None: webhooks are refused
     loras: LoraStore | None = None  # LoRA files by content hash; None: requests with loras are refused

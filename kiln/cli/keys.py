@@ -1,4 +1,5 @@
-"""``kiln keys create|list|revoke``: manage API keys in the server's data directory."""
+"""``kiln keys create|list|revoke``: manage API keys in the server's data directory, or in Redis with
+``--redis URL`` (``KILN_REDIS_URL``), where every API node of a scale-out deployment reads them."""
 
 from __future__ import annotations
 
@@ -17,23 +18,29 @@ def add_parser(sub) -> None:
     create.add_argument("--rate", type=int, help="requests per minute (default: the server's default, 100)")
     create.add_argument("--credits", type=int, help="a credit balance (one per generation); default unlimited")
     create.add_argument("--expires-days", type=float, help="the key stops working after this many days")
-    add_data_dir(create)
+    _add_where(create)
     create.set_defaults(run=run_create)
     listing = keys.add_parser("list", help="list keys (never their secrets)")
-    add_data_dir(listing)
+    _add_where(listing)
     listing.set_defaults(run=run_list)
     revoke = keys.add_parser("revoke", help="revoke a key by id")
     revoke.add_argument("key_id")
-    add_data_dir(revoke)
+    _add_where(revoke)
     revoke.set_defaults(run=run_revoke)
 
 
-def _store(args):
-    from kiln.keys import KeyStore
+def _add_where(p) -> None:
+    add_data_dir(p)
+    p.add_argument("--redis", metavar="URL", help="the keys of API nodes that use this Redis (KILN_REDIS_URL)")
 
-    settings = load_settings({"data_dir": args.data_dir})
-    settings.data_dir.mkdir(parents=True, exist_ok=True)
-    return KeyStore(settings.database), settings
+
+def _store(args):
+    from kiln.keys import open_key_store
+
+    settings = load_settings({"data_dir": args.data_dir, "redis_url": args.redis})
+    if not settings.redis_url:
+        settings.data_dir.mkdir(parents=True, exist_ok=True)
+    return open_key_store(settings.database, settings.redis_url), settings
 
 
 def run_create(args) -> int:

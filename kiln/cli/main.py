@@ -16,7 +16,7 @@ from kiln.errors import KilnError, UnavailableError, UserError
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from kiln.cli import generate, keys, models, serve
+    from kiln.cli import generate, keys, models, serve, worker
 
     parser = argparse.ArgumentParser(prog="kiln", description="Self-hosted inference server for generative media.")
     parser.add_argument("--version", action="version", version=f"kiln {__version__}")
@@ -29,6 +29,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="log what the engine does")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     serve.add_parser(sub)
+    worker.add_parser(sub)
     generate.add_parser(sub)
     models.add_parsers(sub)
     keys.add_parser(sub)

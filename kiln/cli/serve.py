@@ -17,6 +17,8 @@ def add_parser(sub) -> None:
     p.add_argument("--config", help="settings file (TOML; KILN_CONFIG)")
     p.add_argument("--no-auth", action="store_true", help="serve without API keys (a private machine only)")
     p.add_argument("--redis", metavar="URL", help="queue jobs in Redis, e.g. redis://127.0.0.1:6379/0 (KILN_REDIS_URL)")
+    p.add_argument("--no-worker", action="store_true",
+                   help="run no worker here: jobs run on `kiln worker` processes (needs --redis; KILN_LOCAL_WORKER)")
     p.set_defaults(run=run)
 
 
@@ -27,7 +29,7 @@ def add_data_dir(p) -> None:
 def run(args) -> int:
     import uvicorn
 
-    from kiln.keys import KeyStore
+    from kiln.keys import open_key_store
     from kiln.server import build_app
 
     settings = load_settings(
@@ -39,12 +41,13 @@ def run(args) -> int:
             "public_url": args.public_url,
             "auth": False if args.no_auth else None,
             "redis_url": args.redis,
+            "local_worker": False if args.no_worker else None,
         },
         config_file=args.config,
     )
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     if settings.auth:
-        keys = KeyStore(settings.database)
+        keys = open_key_store(settings.database, settings.redis_url)
         if keys.count() == 0:
             new = keys.create("first key", rate_per_min=settings.default_rate_per_min)
             print("No API key existed, so one was created. It is shown once; keep it:", file=sys.stderr)

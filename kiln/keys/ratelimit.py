@@ -1,4 +1,5 @@
-"""Per-key request rates: a sliding one-minute window, in process (the Redis broker brings its own)."""
+"""Per-key request rates: a sliding one-minute window, in process (:mod:`kiln.keys.redis_ratelimit` shares it
+across API nodes)."""
 
 from __future__ import annotations
 

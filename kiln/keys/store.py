@@ -65,8 +65,26 @@ class NewKey:
     secret: str  # shown once; never stored
 
 
-def _digest(key: str) -> str:
+def key_digest(key: str) -> str:
+    """What is stored of a key: its SHA-256, hex."""
     return hashlib.sha256(key.encode("utf-8")).hexdigest()
+
+
+def new_key(name: str, *, rate_per_min: int, credits: int | None, expires: float | None, created: float) -> NewKey:
+    """A fresh key and its record (every store makes keys here, so they all look alike)."""
+    secret = KEY_PREFIX + secrets.token_urlsafe(32)
+    record = KeyRecord(
+        id="k_" + secrets.token_hex(8),
+        name=name,
+        hint=secret[: len(KEY_PREFIX) + 4],
+        created=created,
+        expires=expires,
+        revoked=None,
+        rate_per_min=rate_per_min,
+        credits=credits,
+        webhook_secret="whsec_" + base64.b64encode(secrets.token_bytes(24)).decode(),
+    )
+    return NewKey(record, secret)
 
 
 def looks_like_a_key(value: str) -> bool:
@@ -83,30 +101,20 @@ class KeyStore(SqliteStore):
     def create(
         self, name: str = "", *, rate_per_min: int = 100, credits: int | None = None, expires: float | None = None
     ) -> NewKey:
-        secret = KEY_PREFIX + secrets.token_urlsafe(32)
-        record = KeyRecord(
-            id="k_" + secrets.token_hex(8),
-            name=name,
-            hint=secret[: len(KEY_PREFIX) + 4],
-            created=self.clock(),
-            expires=expires,
-            revoked=None,
-            rate_per_min=rate_per_min,
-            credits=credits,
-            webhook_secret="whsec_" + base64.b64encode(secrets.token_bytes(24)).decode(),
-        )
+        new = new_key(name, rate_per_min=rate_per_min, credits=credits, expires=expires, created=self.clock())
+        record = new.record
         with self._lock:
             self._db.execute(
                 "INSERT INTO api_keys (id, name, hash, hint, created, expires, revoked, rate_per_min, credits, webhook_secret)"
                 " VALUES (?, ?, ?, ?, ?, ?, NULL, ?, ?, ?)",
-                (record.id, name, _digest(secret), record.hint, record.created, expires, rate_per_min, credits,
+                (record.id, name, key_digest(new.secret), record.hint, record.created, expires, rate_per_min, credits,
                  record.webhook_secret),
             )
-        return NewKey(record, secret)
+        return new
 
     def lookup(self, presented: str) -> KeyRecord | None:
         """The record for a presented key (active or not), or None. Constant-time in the key's value."""
-        digest = _digest(presented)
+        digest = key_digest(presented)
         with self._lock:
             row = self._db.execute("SELECT * FROM api_keys WHERE hash = ?", (digest,)).fetchone()
         if row is None or not hmac.compare_digest(row["hash"], digest):

@@ -197,6 +197,20 @@ class RedisBroker:
             pipe.hgetall(self._key(i))
         return [job for h in pipe.execute() if (job := _job(h)) is not None]
 
+    @_reachable
+    def finished_ids_since(self, since: float) -> list[tuple[str, float]]:
+        """``(job id, finish time)`` of jobs that reached a terminal state at or after ``since``, oldest first."""
+        return [(i, float(t)) for i, t in self._r.zrangebyscore(f"{self.prefix}finished", since, "+inf",
+                                                               withscores=True)]
+
+    @_reachable
+    def claim_notice(self, job_id: str, owner: str, ttl_s: float) -> bool:
+        """Whether ``owner`` sends ``job_id``'s terminal notification: the first node to ask gets it
+        (``SET NX``, kept ``ttl_s``) and keeps getting True, every other node False. Several API nodes
+        see every finished job; this makes exactly one of them queue its webhook."""
+        key = f"{self.prefix}notice:{job_id}"
+        return bool(self._r.set(key, owner, nx=True, px=int(ttl_s * 1000))) or self._r.get(key) == owner
+
     # --- worker side -----------------------------------------------------------------------------
 
     @_reachable

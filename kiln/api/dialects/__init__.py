@@ -22,7 +22,6 @@ def install(app: FastAPI) -> None:
     """Add every door's routes (after the render API's, whose paths they never share)."""
     for module in (openai, wavespeed, vyro):
         app.include_router(module.router)
-    wavespeed.install(app)
 
 
 def webhook_body(svc: Services, job: Job) -> dict[str, Any]:

@@ -8,9 +8,9 @@ returns it. Every answer is ``{code, message, data}``; ``data`` is the task (``i
 
 Tasks are jobs on Kiln's one queue, charged and limited per key: by default 120 submissions a
 minute and 20 unfinished tasks per key on this door (settings ``wavespeed_rate_per_min`` and
-``wavespeed_max_concurrent``). ``?webhook=URL`` posts the finished task, in the shape its result
-route shows, signed like every Kiln webhook. ``enable_sync_mode`` waits for the task (up to
-``wavespeed_sync_wait_s``) and answers with it.
+``wavespeed_max_concurrent``; with Redis, counted across every API node). ``?webhook=URL`` posts the
+finished task, in the shape its result route shows, signed like every Kiln webhook.
+``enable_sync_mode`` waits for the task (up to ``wavespeed_sync_wait_s``) and answers with it.
 
 ``size`` is ``WIDTH*HEIGHT`` within the version's per-side limits (v2 512-1536, v3 256-1536) and
 the model's: one of its formats, or any size its catalog ``sizes`` range takes (the error lists both).
@@ -44,7 +44,7 @@ import time
 from datetime import UTC, datetime
 from typing import Any, Literal
 
-from fastapi import APIRouter, FastAPI, Request, Response
+from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.concurrency import run_in_threadpool
@@ -149,26 +149,22 @@ SIDES = {"v2": (512, 1536), "v3": (256, 1536)}  # per dimension
 # --- per-key concurrency ---------------------------------------------------------------------------
 
 
-class OpenTasks:
-    """Each key's unfinished tasks on this door, forgotten as they finish (in process, like the rate
-    limiter: a scale-out deployment limits per API node)."""
+def _take_slot(svc: Services, bucket: str | None) -> str | None:
+    """A slot (its ticket) among a key's unfinished tasks on this door (``svc.task_slots``: in process,
+    or in Redis shared by every API node), or 429 when all are taken; None without a key."""
+    if bucket is None:
+        return None
 
-    def __init__(self) -> None:
-        self._ids: dict[str, list[str]] = {}
+    def still_open(job_id: str) -> bool:
+        job = svc.broker.get(job_id)
+        return job is not None and not job.status.terminal
 
-    def admit(self, svc: Services, key_id: str, limit: int) -> None:
-        open_ids = [i for i in self._ids.get(key_id, ()) if (job := svc.broker.get(i)) and not job.status.terminal]
-        self._ids[key_id] = open_ids
-        if len(open_ids) >= limit:
-            raise ApiError(429, "too_many_tasks", f"at most {limit} unfinished tasks per key; wait for one to finish",
-                           retry_after=1)
-
-    def add(self, key_id: str, job_id: str) -> None:
-        self._ids.setdefault(key_id, []).append(job_id)
-
-
-def install(app: FastAPI) -> None:
-    app.state.wavespeed_tasks = OpenTasks()
+    limit = svc.settings.wavespeed_max_concurrent
+    ticket = svc.task_slots.take(bucket, limit, still_open)
+    if ticket is None:
+        raise ApiError(429, "too_many_tasks", f"at most {limit} unfinished tasks per key; wait for one to finish",
+                       retry_after=1)
+    return ticket
 
 
 # --- routes ----------------------------------------------------------------------------------------
@@ -262,15 +258,19 @@ async def _submit(request: Request, version: str) -> Response:
         check_lora_support(spec, svc.catalog, field="loras")
         refs = await resolve_loras(svc, [(lora.path, lora.scale) for lora in body.loras], field="loras", repo_ids=True)
         canonical = canonical.model_copy(update={"loras": refs})
-    tasks: OpenTasks = request.app.state.wavespeed_tasks
-    if key is not None:
-        tasks.admit(svc, key.id, svc.settings.wavespeed_max_concurrent)
+    bucket = None if key is None else f"{NAME}:{key.id}"
+    ticket = _take_slot(svc, bucket)
     dialect = {"name": NAME, "version": version, "model": path, "base64": body.enable_base64_output}
     # a sync-mode caller waits on the connection: it goes ahead of jobs nobody is waiting on
     priority = Priority.HIGH if body.enable_sync_mode else Priority.NORMAL
-    job = queue_job(svc, canonical, key, priority=priority, webhook=webhook, extra={"dialect": dialect})
-    if key is not None:
-        tasks.add(key.id, job.id)
+    try:
+        job = queue_job(svc, canonical, key, priority=priority, webhook=webhook, extra={"dialect": dialect})
+    except BaseException:
+        if bucket is not None and ticket is not None:
+            svc.task_slots.give_back(bucket, ticket)  # nothing was queued
+        raise
+    if bucket is not None and ticket is not None:
+        svc.task_slots.fill(bucket, ticket, job.id)
     if body.enable_sync_mode:
         job = await _wait(request, svc, job)
     return JSONResponse(await run_in_threadpool(envelope, svc, job, version))
