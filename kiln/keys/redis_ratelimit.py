@@ -15,7 +15,7 @@ from collections.abc import Callable
 import redis
 
 from kiln.keys.ratelimit import RateState
-from kiln.keys.redis_store import reachable, where_of
+from kiln.redis_client import reachable, where_of
 
 # ARGV: now in seconds ('' for the Redis server's clock), window (s), limit, a member name unique to this hit.
 # Answers: allowed (0/1), hits in the window, the oldest hit's score ('' none), now.

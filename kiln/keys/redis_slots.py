@@ -13,7 +13,7 @@ from collections.abc import Callable
 
 import redis
 
-from kiln.keys.redis_store import reachable, where_of
+from kiln.redis_client import reachable, where_of
 
 # KEYS: jobs, held. ARGV: limit, ticket, ticket lifetime (s). Answers 1 when the ticket was added.
 TAKE = """

@@ -13,19 +13,16 @@ many nodes at once never go below zero and never double-spend.
 
 from __future__ import annotations
 
-import functools
 import hmac
 import time
 from collections.abc import Callable
-from typing import Any, ParamSpec, TypeVar
+from typing import Any
 
 import redis
 
-from kiln.errors import QueueUnavailable
 from kiln.keys.store import KeyRecord, NewKey, key_digest, new_key
+from kiln.redis_client import reachable, where_of
 
-P = ParamSpec("P")
-R = TypeVar("R")
 
 CREATE = """
 local P, id, digest = ARGV[1], ARGV[2], ARGV[3]
@@ -66,30 +63,6 @@ local k = ARGV[1] .. 'id:' .. ARGV[2]
 if redis.call('HEXISTS', k, 'credits') == 1 then redis.call('HINCRBY', k, 'credits', ARGV[3]) end
 return 1
 """
-
-
-def reachable(what: str) -> Callable[[Callable[P, R]], Callable[P, R]]:
-    """Redis out of reach becomes :class:`QueueUnavailable`: the same server as the job queue, so the
-    same outage and the same 503; the client reconnects by itself once Redis is back."""
-
-    def decorate(method: Callable[P, R]) -> Callable[P, R]:
-        @functools.wraps(method)
-        def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
-            try:
-                return method(*args, **kwargs)
-            except (redis.ConnectionError, redis.TimeoutError) as exc:
-                where = args[0].where  # type: ignore[attr-defined]
-                raise QueueUnavailable(f"{what} (Redis at {where}) cannot be reached: {exc}; retry later") from exc
-
-        return wrapper
-
-    return decorate
-
-
-def where_of(client: redis.Redis) -> str:
-    """host:port/db (or the socket path) of a client, never its password."""
-    kw = client.connection_pool.connection_kwargs
-    return kw.get("path") or f"{kw.get('host')}:{kw.get('port')}/{kw.get('db', 0)}"
 
 
 class RedisKeyStore:

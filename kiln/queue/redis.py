@@ -36,38 +36,24 @@ Differences from the embedded broker:
 
 from __future__ import annotations
 
-import functools
 import json
 import logging
 import secrets
 import time
 from collections.abc import Callable, Iterable
-from typing import Any, ParamSpec, TypeVar
+from typing import Any
 
 import redis
 
-from kiln.errors import IdempotencyConflict, LeaseLost, QueueFull, QueueUnavailable
+from kiln.errors import IdempotencyConflict, LeaseLost, QueueFull
 from kiln.queue import redis_scripts as lua
 from kiln.queue.job import WORKER_LOST_MESSAGE, Job, JobStatus, Priority, check_transition, effective_rank
+from kiln.redis_client import reachable, where_of
 
 log = logging.getLogger(__name__)
-P = ParamSpec("P")
-R = TypeVar("R")
 
 
-def _reachable(method: Callable[P, R]) -> Callable[P, R]:
-    """Redis out of reach (refused, timed out, loading) becomes :class:`QueueUnavailable` (503 at the API;
-    the worker's loop retries). The client reconnects by itself on the next call once Redis is back."""
-
-    @functools.wraps(method)
-    def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
-        try:
-            return method(*args, **kwargs)
-        except (redis.ConnectionError, redis.TimeoutError) as exc:
-            where = args[0].where  # type: ignore[attr-defined]
-            raise QueueUnavailable(f"the job queue (Redis at {where}) cannot be reached: {exc}; retry later") from exc
-
-    return wrapper
+_reachable = reachable("the job queue")
 
 
 class RedisBroker:
@@ -96,8 +82,7 @@ class RedisBroker:
         # called with each job this broker ended as worker_lost (webhooks, metrics); must not block
         self.on_lost: Callable[[Job], None] | None = None
         self._r = redis.Redis.from_url(url, decode_responses=True)
-        where = self._r.connection_pool.connection_kwargs
-        self.where = where.get("path") or f"{where.get('host')}:{where.get('port')}/{where.get('db', 0)}"  # no password
+        self.where = where_of(self._r)  # no password
         self._submit = self._r.register_script(lua.SUBMIT)
         self._claim = self._r.register_script(lua.CLAIM)
         self._touch = self._r.register_script(lua.TOUCH)
