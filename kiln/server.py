@@ -27,7 +27,6 @@ from kiln.settings import Settings, SettingsError
 from kiln.storage import AssetStore, LocalAssetStore, WriteBehindStore
 from kiln.webhooks import DEFAULT_SCHEDULE, GIVE_UP_AFTER, Dispatcher, Outbox
 from kiln.worker import Worker
-from kiln.worker.absent import NoWorker
 
 log = logging.getLogger(__name__)
 
@@ -89,7 +88,12 @@ def build_runtime(
     keys = open_key_store(settings.database, settings.redis_url)  # with Redis: shared by every API node
     outbox = Outbox(settings.database, schedule=webhook_schedule)
     if worker is None and not settings.local_worker:
-        worker = NoWorker(settings.retry_after_s)  # jobs run on `kiln worker` processes
+        from kiln.queue.redis_sync import RedisSyncChannel
+        from kiln.worker.remote import RemoteWorkers
+
+        # jobs and sync requests run on `kiln worker` processes
+        worker = RemoteWorkers(RedisSyncChannel(settings.redis_url, lease_s=settings.lease_s), store,
+                               wait_s=settings.sync_wait_s, retry_after=settings.retry_after_s)
     if worker is None:
         worker = Worker(engine, broker, store, preload=(catalog.default_model,), warmup=settings.warmup,
                         worker_id=f"{socket.gethostname()}:{os.getpid()}" if settings.redis_url else "local",

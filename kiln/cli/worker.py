@@ -1,4 +1,5 @@
-"""``kiln worker``: a GPU machine's process. It claims queued jobs from Redis and runs them; no API.
+"""``kiln worker``: a GPU machine's process. It claims queued jobs from Redis and runs them, and takes
+API nodes' sync requests when idle; no API.
 
 API nodes (``kiln serve --redis URL``, with or without ``--no-worker``) take the requests; this
 process needs the same Redis and the same asset storage (S3, or on one machine the API node's data
@@ -39,9 +40,11 @@ def run(args) -> int:
     from kiln.engine import Engine
     from kiln.engine.safety import load_safety_checker
     from kiln.loras import LoraStore
+    from kiln.queue.redis_sync import RedisSyncChannel
     from kiln.server import build_store, make_broker
     from kiln.worker import Worker
     from kiln.worker.process import WorkerProcess
+    from kiln.worker.remote import RemoteSync
 
     settings = load_settings(
         {
@@ -69,6 +72,8 @@ def run(args) -> int:
     worker = Worker(engine, broker, store, preload=(catalog.default_model,), warmup=settings.warmup,
                     worker_id=f"{socket.gethostname()}:{os.getpid()}", safety=safety,
                     safety_default=settings.safety_checker_default)
+    # when idle, it takes the sync requests API nodes offer (kiln.worker.remote)
+    worker.remote = RemoteSync(RedisSyncChannel(settings.redis_url, lease_s=settings.lease_s))
     # LoRAs are fetched by API nodes into their data directory: this worker finds them there only when
     # it shares that directory (the same machine, or a shared file system)
     worker.loras = LoraStore(settings.loras_dir, max_bytes=settings.lora_cache_bytes)

@@ -1,8 +1,8 @@
 """The worker handle of an API node that runs no worker of its own (``local_worker`` off).
 
-Queued jobs go to Redis, where ``kiln worker`` processes claim them. The sync tier has no worker here
-to hand a request to, so every sync request is answered 503 ``capacity_exhausted`` at once instead of
-waiting ``sync_wait_s`` for a start that cannot come (the cross-machine sync tier is not built yet).
+Queued jobs go to Redis, where ``kiln worker`` processes claim them. :class:`NoWorker` answers every
+sync request 503 ``capacity_exhausted`` at once; :class:`~kiln.worker.remote.RemoteWorkers`, which API
+nodes use, builds on it and hands sync requests to idle ``kiln worker`` processes.
 """
 
 from __future__ import annotations

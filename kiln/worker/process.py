@@ -1,7 +1,7 @@
 """A worker as a process of its own (``kiln worker``): claims queued jobs from Redis until told to stop.
 
-It takes only queued jobs: the sync tier is fed by :meth:`~kiln.worker.Worker.submit_sync`, which
-only an API node's own in-process worker receives. On SIGTERM or SIGINT the job in hand is finished
+It takes queued jobs and, when idle, sync requests offered by API nodes (:mod:`kiln.worker.remote`),
+sync first as in one process. On SIGTERM or SIGINT the job in hand is finished
 if it ends within the grace period, else stopped between two steps and handed back to the queue
 (:meth:`~kiln.worker.Worker.stop`); then the process exits 0.
 """
@@ -36,12 +36,22 @@ class WorkerProcess:
     def readiness(self) -> tuple[bool, dict[str, Any]]:
         """Ready: the default model is loaded (and warmed up) and the broker answers."""
         loaded = bool(self.worker.alive and self.worker.ready)
+        if loaded:
+            self._announce()  # ready means API nodes may hand it sync requests too
         try:
             self.broker.check()
             reachable = True
         except (RuntimeError, KilnError):
             reachable = False
         return loaded and reachable, {"model_loaded": loaded, "broker": reachable, "job": self.worker.current_job}
+
+    def _announce(self) -> None:
+        """Tell API nodes this worker is up (they answer sync requests 503 at once when none is)."""
+        if self.worker.remote is not None and self.worker.alive:
+            try:
+                self.worker.remote.announce(self.worker.worker_id)
+            except KilnError:  # Redis out of reach: the worker's loop reports it; try again next time
+                pass
 
     def shutdown(self, *_: Any) -> None:
         self._stop.set()
@@ -55,8 +65,13 @@ class WorkerProcess:
         self.worker.start()
         try:
             while not self._stop.wait(0.5):  # woken by the signal handler, which runs on this thread
-                pass
+                self._announce()
         finally:
+            if self.worker.remote is not None:
+                try:
+                    self.worker.remote.leave(self.worker.worker_id)  # API nodes stop offering it sync requests
+                except KilnError:
+                    pass
             log.info("kiln worker %s stopping (job in hand: %s)", self.worker.worker_id, self.worker.current_job)
             self.worker.stop(timeout=self.grace_s)
             self.worker.store.close()  # outputs being written land before exit

@@ -15,6 +15,7 @@ from collections.abc import Callable
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
+from typing import Any
 
 from kiln.engine import Engine, GenerationRequest, GenerationResult, Output, StepEvent
 from kiln.engine.lora import LoraFiles
@@ -82,6 +83,8 @@ class Worker:
         # Called with each job that reached a terminal state here (webhooks); must not block.
         self.on_terminal: Callable[[Job], None] | None = None
         self._job_cancel: threading.Event | None = None
+        # kiln.worker.remote.RemoteSync: sync requests offered by API nodes on other machines (kiln worker)
+        self.remote: Any = None
         self._sync: deque[SyncTicket] = deque()
         self._cond = threading.Condition()
         self._stopping = False
@@ -198,9 +201,14 @@ class Worker:
         if item is not None:
             self._run_sync_item(item)
             return True
+        if self.remote is not None and self.remote.run_one(self):
+            return True
         job = self.broker.claim(self.worker_id)
         if job is not None:
             self._run_job(job)
+            return True
+        if self.remote is not None:
+            self.remote.run_one(self, block_s=0.5)  # idle: wait for a remote sync request instead
             return True
         with self._cond:
             if not self._sync and not self._stopping:
