@@ -7,19 +7,13 @@ Tests that need it skip (with the reason) only when no ``redis-server`` binary i
 from __future__ import annotations
 
 import shutil
-import socket
 import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from helpers import free_port
 
 
 class RedisServer:
@@ -27,7 +21,7 @@ class RedisServer:
     names other settings (``("--appendonly", "yes")``)."""
 
     def __init__(self, binary: str, directory: Path, persistence: tuple[str, ...] = ("--appendonly", "no")) -> None:
-        self.port = _free_port()
+        self.port = free_port()
         self.url = f"redis://127.0.0.1:{self.port}/0"
         self.log = directory / "redis.log"
         self.argv = [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(directory),

@@ -17,7 +17,8 @@ import httpx
 import pytest
 import redis
 from api_helpers import Receiver, running_server
-from test_worker_process import free_port, queue_body
+from helpers import free_port
+from test_worker_process import queue_body
 
 from kiln.queue.job import Priority
 

@@ -14,19 +14,12 @@ import time
 
 import httpx
 import pytest
+from helpers import free_port
 from api_helpers import Receiver, running_server
 
 from kiln.settings import Settings, SettingsError, load_settings
 
 pytestmark = pytest.mark.slow
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class WorkerProcess:
