@@ -19,6 +19,16 @@ P = ParamSpec("P")
 R = TypeVar("R")
 
 
+CONNECT_TIMEOUT_S = 5.0
+
+
+def connect(url: str) -> redis.Redis:
+    """A client for ``url`` that gives up connecting after ``CONNECT_TIMEOUT_S`` (an unreachable host
+    then reads as an outage, 503, instead of hanging a request or a health check). Reads have no
+    timeout: the queue's blocking reads wait on purpose."""
+    return redis.Redis.from_url(url, decode_responses=True, socket_connect_timeout=CONNECT_TIMEOUT_S)
+
+
 def where_of(client: redis.Redis) -> str:
     """host:port/db (or the socket path) of a client, never its password."""
     kw = client.connection_pool.connection_kwargs

@@ -12,10 +12,9 @@ import math
 import secrets
 from collections.abc import Callable
 
-import redis
 
 from kiln.keys.ratelimit import RateState
-from kiln.redis_client import reachable, where_of
+from kiln.redis_client import connect, reachable, where_of
 
 # ARGV: now in seconds ('' for the Redis server's clock), window (s), limit, a member name unique to this hit.
 # Answers: allowed (0/1), hits in the window, the oldest hit's score ('' none), now.
@@ -51,7 +50,7 @@ class RedisRateLimiter:
 
     def __init__(self, url: str, *, prefix: str = "kiln:rate:", clock: Callable[[], float] | None = None) -> None:
         self.prefix, self.clock = prefix, clock
-        self._r = redis.Redis.from_url(url, decode_responses=True)
+        self._r = connect(url)
         self.where = where_of(self._r)
         self._hit = self._r.register_script(HIT)
 

@@ -11,9 +11,8 @@ from __future__ import annotations
 import secrets
 from collections.abc import Callable
 
-import redis
 
-from kiln.redis_client import reachable, where_of
+from kiln.redis_client import connect, reachable, where_of
 
 # KEYS: jobs, held. ARGV: limit, ticket, ticket lifetime (s). Answers 1 when the ticket was added.
 TAKE = """
@@ -31,7 +30,7 @@ class RedisTaskSlots:
 
     def __init__(self, url: str, *, prefix: str = "kiln:slots:", ticket_s: float = 60.0) -> None:
         self.prefix, self.ticket_s = prefix, ticket_s
-        self._r = redis.Redis.from_url(url, decode_responses=True)
+        self._r = connect(url)
         self.where = where_of(self._r)
         self._take = self._r.register_script(TAKE)
 

@@ -18,10 +18,9 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-import redis
 
 from kiln.keys.store import KeyRecord, NewKey, key_digest, new_key
-from kiln.redis_client import reachable, where_of
+from kiln.redis_client import connect, reachable, where_of
 
 
 CREATE = """
@@ -70,7 +69,7 @@ class RedisKeyStore:
 
     def __init__(self, url: str, *, prefix: str = "kiln:keys:", clock: Callable[[], float] = time.time) -> None:
         self.prefix, self.clock = prefix, clock
-        self._r = redis.Redis.from_url(url, decode_responses=True)
+        self._r = connect(url)
         self.where = where_of(self._r)
         self._create = self._r.register_script(CREATE)
         self._lookup = self._r.register_script(LOOKUP)
