@@ -40,9 +40,12 @@ class Runtime:
     dispatcher: Dispatcher
     janitor: Janitor
     watch: Any = None  # kiln.api.finished.FinishedWatch with Redis: webhooks of jobs finished anywhere
+    listener: Any = None  # kiln.queue.changes.RedisChangeListener with Redis: job changes for SSE
 
     def start(self) -> None:
         self.resend_missed_webhooks()
+        if self.listener is not None:
+            self.listener.start()
         if self.watch is not None:
             self.watch.start()
         self.worker.start()
@@ -64,6 +67,8 @@ class Runtime:
         self.worker.stop()  # finishes or hands back the job in hand
         if self.watch is not None:
             self.watch.stop()
+        if self.listener is not None:
+            self.listener.stop()
         self.dispatcher.stop(timeout=10)  # pending deliveries resume from the outbox at next start
         self.janitor.stop()
         self.services.store.close()  # the sync outputs still being written land before exit
@@ -115,6 +120,11 @@ def build_runtime(
 
     dispatcher = Dispatcher(outbox, secret_for=secret_for, check_url=address_check(services.fetch_policy))
     watch = FinishedWatch(services, node_name(settings)) if hasattr(broker, "claim_notice") else None
+    listener = None
+    if settings.redis_url:
+        from kiln.queue.changes import RedisChangeListener
+
+        listener = RedisChangeListener(settings.redis_url, services.changes)
 
     def on_terminal(job) -> None:
         services.metrics.observe_job(job)
@@ -134,7 +144,7 @@ def build_runtime(
         ]
 
     janitor = Janitor(store, upload_ttl_s=settings.upload_ttl_s, in_use=inputs_in_use)
-    return Runtime(services, worker, dispatcher, janitor, watch)
+    return Runtime(services, worker, dispatcher, janitor, watch, listener)
 
 
 def build_store(settings: Settings) -> AssetStore:

@@ -16,6 +16,7 @@ from kiln.api.policy import PromptFilter
 from kiln.catalog import Catalog
 from kiln.keys import KeyBackend, Limiter, RateLimiter, Slots, TaskSlots
 from kiln.queue import Broker
+from kiln.queue.changes import ChangeFeed
 from kiln.settings import Settings
 from kiln.storage import AssetStore
 from kiln.webhooks import Outbox
@@ -53,6 +54,9 @@ class Services:
     backends: tuple[str, ...] = ("torch",)
     outbox: Outbox | None = None  # webhook deliveries; None: webhooks are refused
     loras: LoraStore | None = None  # LoRA files by content hash; None: requests with loras are refused
+    # notices of job changes that SSE streams wait on; an in-process broker (SQLite) is wired to it
+    # here, the Redis one through kiln.queue.changes.RedisChangeListener (kiln.server starts it)
+    changes: ChangeFeed = field(default_factory=ChangeFeed)
     fetch_policy: FetchPolicy = field(init=False)
     lora_policy: FetchPolicy = field(init=False)  # the same checks, a LoRA's size and time
     prompt_filter: PromptFilter = field(init=False)
@@ -69,3 +73,5 @@ class Services:
         )
         self.prompt_filter = PromptFilter.from_file(self.settings.prompt_filter_file)
         self.metrics = Metrics(self.broker)
+        if getattr(self.broker, "changes", False) is None:
+            self.broker.changes = self.changes  # type: ignore[attr-defined]

@@ -92,6 +92,17 @@ class LoraStore:
         temp.write_bytes(data)
         return self.add(temp, sha, field=field)
 
+    def cached(self, limit: int) -> list[str]:
+        """The SHA-256s of up to ``limit`` adapters held, most recently used first (what a worker
+        advertises for routing)."""
+        files = []
+        for p in self._files():
+            try:
+                files.append((p.stat().st_mtime, p.stem))
+            except FileNotFoundError:
+                continue
+        return [sha for _, sha in sorted(files, reverse=True)[:limit]]
+
     def total_bytes(self) -> int:
         return sum(p.stat().st_size for p in self._files())
 

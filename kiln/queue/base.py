@@ -11,11 +11,18 @@ nothing. Without it they act unconditionally (tools, tests). A job claimed more 
 ``max_attempts`` times because its worker died ends ``failed`` with code ``worker_lost``.
 
 A broker whose leases expire (Redis) also has ``lease_s`` and ``heartbeat(job_id, lease)``; the
-worker calls it every ``lease_s / 3`` while a job runs (:mod:`kiln.worker.heartbeat`).
+worker calls it every ``lease_s / 3`` while a job runs (:mod:`kiln.worker.heartbeat`). A broker that
+several workers share (Redis) routes jobs by what each worker ``holds`` (:mod:`kiln.worker.routing`)
+and wakes idle ones: ``wait_for_work(worker_id, timeout_s)`` blocks until a job may be there, and
+``ring(worker_id)`` ends that wait early.
+
+Every broker can tell a :class:`~kiln.queue.changes.ChangeFeed` of each change it makes (SSE streams
+wait on it): the embedded one through its ``changes`` attribute, the Redis one by publishing.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any, Protocol
 
 from kiln.queue.job import Job, Priority
@@ -49,8 +56,9 @@ class Broker(Protocol):
     def depth(self) -> dict[Priority, int]: ...
 
     # --- worker side -----------------------------------------------------------------------------
-    def claim(self, worker_id: str) -> Job | None:
-        """The next job to run (priority order with aging, FIFO within one), now running."""
+    def claim(self, worker_id: str, *, holds: Iterable[str] = ()) -> Job | None:
+        """The next job to run (priority order with aging, FIFO within one), now running. ``holds``:
+        what this worker has loaded (models, LoRAs), for brokers that route among several workers."""
 
     def report_progress(self, job_id: str, step: int, total_steps: int, *, lease: str | None = None) -> bool:
         """Record progress (and, with a lease, heartbeat); returns whether cancellation was requested."""

@@ -13,11 +13,12 @@ import logging
 import secrets
 import sqlite3
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
 from kiln.errors import IdempotencyConflict, LeaseLost, QueueFull
+from kiln.queue.changes import ANY, ChangeFeed
 from kiln.queue.job import WORKER_LOST, Job, JobStatus, Priority, check_transition, worker_lost_message
 from kiln.sqlite import SqliteStore
 
@@ -88,6 +89,8 @@ class SqliteBroker(SqliteStore):
         self.clock = clock
         # called with each job this broker ended as worker_lost (webhooks, metrics); must not block
         self.on_lost: Callable[[Job], None] | None = None
+        # told of every change this broker makes (SSE streams wait on it instead of polling)
+        self.changes: ChangeFeed | None = None
         with self.transaction() as db:  # a database from before leases
             if "lease" not in {r["name"] for r in db.execute("PRAGMA table_info(jobs)")}:
                 db.execute("ALTER TABLE jobs ADD COLUMN lease TEXT")
@@ -134,7 +137,9 @@ class SqliteBroker(SqliteStore):
                     "INSERT OR REPLACE INTO idempotency (key_id, key, job_id, request_hash, created) VALUES (?, ?, ?, ?, ?)",
                     (key_id or "", idempotency_key, job_id, request_hash, now),
                 )
-            return self._get(db, job_id), True  # type: ignore[return-value]
+            job = self._get(db, job_id)
+        self._changed(ANY)  # a job of higher priority moves the others back
+        return job, True  # type: ignore[return-value]
 
     def get(self, job_id: str) -> Job | None:
         with self._lock:
@@ -175,7 +180,9 @@ class SqliteBroker(SqliteStore):
                 self._set(db, job, JobStatus.CANCELLED, finished=self.clock())
             else:
                 db.execute("UPDATE jobs SET cancel_requested = 1 WHERE id = ?", (job_id,))
-            return self._get(db, job_id)
+            job = self._get(db, job_id)
+        self._changed(job_id, ANY)  # the jobs behind a cancelled one move up
+        return job
 
     def depth(self) -> dict[Priority, int]:
         with self._lock:
@@ -199,7 +206,9 @@ class SqliteBroker(SqliteStore):
 
     # --- worker side -----------------------------------------------------------------------------
 
-    def claim(self, worker_id: str) -> Job | None:
+    def claim(self, worker_id: str, *, holds: Iterable[str] = ()) -> Job | None:
+        """The next job in claim order; ``holds`` is for routing among several workers, which the
+        embedded broker (one worker) does not do."""
         now = self.clock()
         with self.transaction() as db:
             row = db.execute(
@@ -212,7 +221,9 @@ class SqliteBroker(SqliteStore):
             assert job is not None
             self._set(db, job, JobStatus.RUNNING, started=now, worker_id=worker_id, attempts=job.attempts + 1,
                       lease=secrets.token_hex(8))
-            return self._get(db, job.id)
+            job = self._get(db, job.id)
+        self._changed(job.id, ANY)  # every queued job moved up one place
+        return job
 
     def report_progress(self, job_id: str, step: int, total_steps: int, *, lease: str | None = None) -> bool:
         with self.transaction() as db:
@@ -222,6 +233,7 @@ class SqliteBroker(SqliteStore):
                 "UPDATE jobs SET step = ?, total_steps = ? WHERE id = ? AND status = 'running'", (step, total_steps, job_id)
             )
             row = db.execute("SELECT cancel_requested FROM jobs WHERE id = ?", (job_id,)).fetchone()
+        self._changed(job_id)
         return bool(row and row["cancel_requested"])
 
     def complete(self, job_id: str, output: str, result: dict[str, Any], *, lease: str | None = None) -> Job:
@@ -237,7 +249,9 @@ class SqliteBroker(SqliteStore):
         with self.transaction() as db:
             job = self._require(db, job_id, lease)
             self._set(db, job, JobStatus.QUEUED, started=None, worker_id=None, step=0, total_steps=0, lease=None)
-            return self._get(db, job_id)  # type: ignore[return-value]
+            job = self._get(db, job_id)
+        self._changed(job_id, ANY)
+        return job  # type: ignore[return-value]
 
     def recover(self) -> int:
         with self.transaction() as db:
@@ -254,6 +268,8 @@ class SqliteBroker(SqliteStore):
             )
         for row in lost:
             self._lost(row["id"])
+        if lost or cur.rowcount:
+            self._changed(ANY)
         return cur.rowcount
 
     def _lost(self, job_id: str) -> None:
@@ -270,7 +286,15 @@ class SqliteBroker(SqliteStore):
         with self.transaction() as db:
             job = self._require(db, job_id, lease)
             self._set(db, job, status, finished=self.clock(), lease=None, **fields)
-            return self._get(db, job_id)  # type: ignore[return-value]
+            job = self._get(db, job_id)
+        self._changed(job_id)
+        return job  # type: ignore[return-value]
+
+    def _changed(self, *job_ids: str) -> None:
+        """Tell the feed, after the transaction committed (a follower woken earlier would read the old row)."""
+        if self.changes is not None:
+            for job_id in job_ids:
+                self.changes.changed(job_id)
 
     def _require(self, db: sqlite3.Connection, job_id: str, lease: str | None = None) -> Job:
         """The job; with ``lease``, only while that lease is current (else :class:`LeaseLost`)."""

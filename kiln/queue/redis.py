@@ -48,7 +48,7 @@ import redis
 from kiln.errors import IdempotencyConflict, LeaseLost, QueueFull
 from kiln.queue import redis_scripts as lua
 from kiln.queue.job import WORKER_LOST_MESSAGE, Job, JobStatus, Priority, check_transition, effective_rank
-from kiln.redis_client import reachable, where_of
+from kiln.redis_client import connect, reachable, where_of
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +62,8 @@ class RedisBroker:
     ``aging_seconds`` and ``idempotency_ttl`` as in :class:`~kiln.queue.local.SqliteBroker`;
     ``lease_s``: how long a worker may go without a heartbeat before its job is given to another;
     ``max_attempts``: claims a job gets before a lost worker fails it (``worker_lost``);
-    ``prefix``: the start of every key, so several Kiln installations can share one server.
+    ``prefix``: the start of every key, so several Kiln installations can share one server;
+    ``idle_s`` and ``route_depth``: routing (:mod:`kiln.queue.redis_scripts`).
     """
 
     def __init__(
@@ -75,13 +76,18 @@ class RedisBroker:
         prefix: str = "kiln:",
         idempotency_ttl: float = 24 * 3600.0,
         clock: Callable[[], float] = time.time,
+        idle_s: float = 2.0,
+        route_depth: int = 64,
     ) -> None:
         self.prefix = prefix
+        # a worker counts as idle (a better fit that others leave its jobs to) this long after an empty
+        # claim; workers claim again at least every 0.5 s while idle
+        self.idle_s, self.route_depth = idle_s, route_depth
         self.aging, self.lease_s, self.max_attempts = aging_seconds, lease_s, max_attempts
         self.idempotency_ttl, self.clock = idempotency_ttl, clock
         # called with each job this broker ended as worker_lost (webhooks, metrics); must not block
         self.on_lost: Callable[[Job], None] | None = None
-        self._r = redis.Redis.from_url(url, decode_responses=True)
+        self._r = connect(url)
         self.where = where_of(self._r)  # no password
         self._submit = self._r.register_script(lua.SUBMIT)
         self._claim = self._r.register_script(lua.CLAIM)
@@ -120,9 +126,10 @@ class RedisBroker:
         created = repr(self.clock())
         fields = {"id": job_id, "status": JobStatus.QUEUED.value, "priority": priority.value, "created": created,
                   "payload": json.dumps(payload, separators=(",", ":")), "attempts": 0, "step": 0, "total_steps": 0,
-                  "cancel_requested": 0, "key_id": key_id, "idempotency_key": idempotency_key}
+                  "cancel_requested": 0, "key_id": key_id, "idempotency_key": idempotency_key,
+                  "needs": " ".join(payload.get("needs", ())) or None}  # routing (kiln.worker.routing)
         idem = "" if idempotency_key is None else f"{self.prefix}idem:{key_id or ''}:{idempotency_key}"
-        tag, value = self._submit(args=[
+        tag, value, *stored = self._submit(args=[
             self.prefix, job_id, priority.value, created, idem,
             "-" if request_hash is None else "h:" + request_hash,  # None and "" differ, as in SQLite
             "" if max_depth is None else max_depth, self.idempotency_ttl, *_pairs(fields),
@@ -131,7 +138,7 @@ class RedisBroker:
             raise IdempotencyConflict("this idempotency_key was already used with a different request", job_id=value)
         if tag == "full":
             raise QueueFull(f"the queue is full ({value} jobs waiting); retry later")
-        job = self.get(value)
+        job = _job(_hash(stored[0])) if stored else None
         assert job is not None, f"job {value} vanished right after submit"
         return job, tag == "created"
 
@@ -199,12 +206,15 @@ class RedisBroker:
     # --- worker side -----------------------------------------------------------------------------
 
     @_reachable
-    def claim(self, worker_id: str) -> Job | None:
+    def claim(self, worker_id: str, *, holds: Iterable[str] = ()) -> Job | None:
         """The next job, now running here with a new lease: first one whose worker stopped
-        heartbeating (past ``lease_s``), else the first queued in claim order."""
+        heartbeating (past ``lease_s``), else the first queued in claim order that no idle worker
+        fits better (``holds``: what this worker has loaded, :mod:`kiln.worker.routing`). With none,
+        this worker counts as idle for ``idle_s`` and gets a wake-up (:meth:`wait_for_work`) when a
+        job arrives."""
         job_id, lost, fields = self._claim(args=[
             self.prefix, worker_id, repr(self.clock()), self.aging, int(self.lease_s * 1000), self.max_attempts,
-            secrets.token_hex(8), WORKER_LOST_MESSAGE,
+            secrets.token_hex(8), WORKER_LOST_MESSAGE, " ".join(holds), int(self.idle_s * 1000), self.route_depth,
         ])
         for lost_id in lost:
             log.warning("job %s stopped its worker %d times; it ends failed (worker_lost)", lost_id, self.max_attempts)
@@ -244,6 +254,41 @@ class RedisBroker:
     def recover(self) -> int:
         """Nothing to do: a dead worker's jobs are taken over by :meth:`claim` once their lease runs out."""
         return 0
+
+    def wake_key(self, worker_id: str) -> str:
+        """The list a new job pushes to while ``worker_id`` is idle (for a ``BLPOP`` over several lists)."""
+        return f"{self.prefix}wake:{worker_id}"
+
+    @_reachable
+    def wait_for_work(self, worker_id: str, timeout_s: float) -> bool:
+        """Block until a job was queued or handed back since this worker's last empty :meth:`claim`
+        (or :meth:`ring` was called), at most ``timeout_s``; whether that happened."""
+        return self._r.blpop([self.wake_key(worker_id)], timeout=max(0.01, timeout_s)) is not None
+
+    @_reachable
+    def ring(self, worker_id: str) -> None:
+        """End ``worker_id``'s :meth:`wait_for_work` now (it has work that is not in Redis: a sync request)."""
+        pipe = self._r.pipeline(transaction=False)
+        pipe.rpush(self.wake_key(worker_id), "1")
+        pipe.ltrim(self.wake_key(worker_id), -1, -1)
+        pipe.pexpire(self.wake_key(worker_id), 60_000)
+        pipe.execute()
+
+    @_reachable
+    def busy(self, worker_id: str) -> None:
+        """``worker_id`` started work the broker does not see (a sync request): it is not idle."""
+        self._r.zrem(f"{self.prefix}idle", worker_id)
+
+    @_reachable
+    def idle_workers(self) -> dict[str, set[str]]:
+        """The workers idle now and what each holds (routing; metrics and tests)."""
+        seconds, micros = self._r.time()
+        now_ms = int(seconds) * 1000 + int(micros) // 1000
+        ids = self._r.zrangebyscore(f"{self.prefix}idle", now_ms, "+inf")
+        pipe = self._r.pipeline(transaction=False)
+        for w in ids:
+            pipe.smembers(f"{self.prefix}holds:{w}")
+        return dict(zip(ids, pipe.execute(), strict=True))
 
     # --- internals -------------------------------------------------------------------------------
 

@@ -3,8 +3,12 @@
 Keys (``P`` is the prefix, as in :mod:`kiln.queue.redis_scripts`):
 
 - ``P sync:queue``: a list of offered request ids, oldest first; idle workers pop it.
-- ``P sync:<id>``: a hash (``state`` waiting | taken, ``payload``), expiring when its API node stops
-  waiting, so a request left behind by a node that died is never run.
+- ``P sync:for:<worker>``: requests offered to one idle worker that holds their model (routing, as
+  for jobs: :mod:`kiln.queue.redis_scripts`); if it has not taken one within ``route_grace_s`` (it
+  died, or is busy after all), the API node moves it to ``P sync:queue`` for any worker.
+- ``P sync:<id>``: a hash (``state`` waiting | taken, ``payload``, ``target`` while offered to one
+  worker), expiring when its API node stops waiting, so a request left behind by a node that died is
+  never run.
 - ``P sync:<id>:reply``: a list of messages to the API node that offered it (JSON objects, ``type``
   one of ``started``, ``step`` {step, total, preview?: base64 WebP}, ``beat``, ``done`` {...},
   ``error`` {code, message, details}, ``withdrawn``). One reader, so a list rather than pub/sub: no
@@ -24,14 +28,14 @@ import secrets
 import time
 from typing import Any
 
-import redis
-
-from kiln.redis_client import reachable, where_of
+from kiln.queue.redis_scripts import COMMON
+from kiln.redis_client import connect, reachable, where_of
 
 TAKE = """
 local k = ARGV[1] .. 'sync:' .. ARGV[2]
 if redis.call('HGET', k, 'state') ~= 'waiting' then return false end
 redis.call('HSET', k, 'state', 'taken', 'worker', ARGV[3])
+redis.call('ZREM', ARGV[1] .. 'idle', ARGV[3])  -- busy now: jobs and offers are not routed to it
 redis.call('RPUSH', k .. ':reply', '{"type":"started"}')
 redis.call('PEXPIRE', k .. ':reply', ARGV[4])
 return redis.call('HGET', k, 'payload')
@@ -40,10 +44,50 @@ return redis.call('HGET', k, 'payload')
 WITHDRAW = """
 local k = ARGV[1] .. 'sync:' .. ARGV[2]
 if redis.call('HGET', k, 'state') == 'taken' then return 0 end
+local target = redis.call('HGET', k, 'target')
+if target then redis.call('LREM', ARGV[1] .. 'sync:for:' .. target, 0, ARGV[2]) end
 redis.call('DEL', k)
 redis.call('LREM', ARGV[1] .. 'sync:queue', 0, ARGV[2])
 redis.call('RPUSH', k .. ':reply', '{"type":"withdrawn"}')
 redis.call('PEXPIRE', k .. ':reply', ARGV[3])
+return 1
+"""
+
+
+# ARGV: P, id, payload, ttl (ms), needs (space-separated). Offers the request to the idle worker that
+# fits it best (holds its model, better its LoRAs too), else to any. Returns that worker's id or ''.
+OFFER = COMMON + """
+local id, ttl, needs = ARGV[2], ARGV[4], words(ARGV[5])
+local k = P .. 'sync:' .. id
+redis.call('HSET', k, 'state', 'waiting', 'payload', ARGV[3])
+redis.call('PEXPIRE', k, ttl)
+local best, best_fit = nil, 0
+if #needs > 0 then
+  for _, o in ipairs(idle_holdings('')) do
+    local f = fit(o[2], needs)
+    if f > best_fit then best, best_fit = o[1], f end
+  end
+end
+if not best then
+  redis.call('RPUSH', P .. 'sync:queue', id)
+  return ''
+end
+redis.call('HSET', k, 'target', best)
+redis.call('ZREM', P .. 'idle', best)  -- busy with this from now on: no second offer, no job routed to it
+redis.call('RPUSH', P .. 'sync:for:' .. best, id)
+redis.call('PEXPIRE', P .. 'sync:for:' .. best, ttl)
+return best
+"""
+
+# ARGV: P, id. A request its target worker did not take in time goes to the front of the shared queue.
+UNPIN = """
+local k = ARGV[1] .. 'sync:' .. ARGV[2]
+if redis.call('HGET', k, 'state') ~= 'waiting' then return 0 end
+local target = redis.call('HGET', k, 'target')
+if not target then return 0 end
+if redis.call('LREM', ARGV[1] .. 'sync:for:' .. target, 0, ARGV[2]) == 0 then return 0 end
+redis.call('HDEL', k, 'target')
+redis.call('LPUSH', ARGV[1] .. 'sync:queue', ARGV[2])
 return 1
 """
 
@@ -56,10 +100,12 @@ class RedisSyncChannel:
 
     def __init__(self, url: str, *, lease_s: float = 30.0, prefix: str = "kiln:") -> None:
         self.prefix, self.lease_s = prefix, lease_s
-        self._r = redis.Redis.from_url(url, decode_responses=True)
+        self._r = connect(url)
         self.where = where_of(self._r)
         self._take = self._r.register_script(TAKE)
         self._withdraw = self._r.register_script(WITHDRAW)
+        self._offer = self._r.register_script(OFFER)
+        self._unpin = self._r.register_script(UNPIN)
 
     def close(self) -> None:
         self._r.close()
@@ -79,16 +125,19 @@ class RedisSyncChannel:
         return int(self._r.zcount(f"{self.prefix}sync:workers", f"({time.time()}", "+inf"))
 
     @reachable("the sync tier")
-    def offer(self, payload: dict[str, Any], *, ttl_s: float) -> str:
-        """Queue a sync request for the next idle worker; its id. Unless taken or withdrawn, it is
-        forgotten after ``ttl_s``."""
+    def offer(self, payload: dict[str, Any], *, ttl_s: float) -> tuple[str, str | None]:
+        """Offer a sync request to the idle worker that holds what it needs (``payload["needs"]``),
+        else to the next idle worker: ``(its id, the worker it was offered to or None)``. Unless taken
+        or withdrawn, it is forgotten after ``ttl_s``."""
         sync_id = "s_" + secrets.token_hex(12)
-        pipe = self._r.pipeline(transaction=True)
-        pipe.hset(self._k(sync_id), mapping={"state": "waiting", "payload": json.dumps(payload, separators=(",", ":"))})
-        pipe.pexpire(self._k(sync_id), int(ttl_s * 1000))
-        pipe.rpush(f"{self.prefix}sync:queue", sync_id)
-        pipe.execute()
-        return sync_id
+        target = self._offer(args=[self.prefix, sync_id, json.dumps(payload, separators=(",", ":")),
+                                   int(ttl_s * 1000), " ".join(payload.get("needs", ()))])
+        return sync_id, target or None
+
+    @reachable("the sync tier")
+    def unpin(self, sync_id: str) -> bool:
+        """Let any worker take a request offered to one that has not taken it; whether it moved."""
+        return bool(self._unpin(args=[self.prefix, sync_id]))
 
     @reachable("the sync tier")
     def withdraw(self, sync_id: str) -> bool:
@@ -125,16 +174,19 @@ class RedisSyncChannel:
         self._r.zrem(f"{self.prefix}sync:workers", worker_id)
 
     @reachable("the sync tier")
-    def take(self, worker_id: str, block_s: float = 0.0) -> tuple[str, dict[str, Any]] | None:
-        """The oldest offered request still waiting, now this worker's: ``(id, payload)``; None if
-        there is none (after waiting up to ``block_s``)."""
-        queue = f"{self.prefix}sync:queue"
+    def take(self, worker_id: str, block_s: float = 0.0, *, bell: str | None = None) -> tuple[str, dict[str, Any]] | None:
+        """The oldest request offered to this worker, else the oldest offered to any, now this worker's:
+        ``(id, payload)``; None if there is none (after waiting up to ``block_s``, or as soon as the
+        list ``bell`` gets an item: the broker's wake-up for a queued job)."""
+        mine, queue = f"{self.prefix}sync:for:{worker_id}", f"{self.prefix}sync:queue"
         while True:
             if block_s > 0:
-                got = self._r.blpop([queue], timeout=block_s)
-                sync_id = None if got is None else got[1]
+                got = self._r.blpop([mine, queue, *([bell] if bell else [])], timeout=block_s)
+                if got is None or got[0] == bell:
+                    return None
+                sync_id = got[1]
             else:
-                sync_id = self._r.lpop(queue)
+                sync_id = self._r.lpop(mine) or self._r.lpop(queue)
             if sync_id is None:
                 return None
             payload = self._take(args=[self.prefix, sync_id, worker_id, self._lease_ms])

@@ -11,18 +11,20 @@ from typing import Any
 from kiln.engine.request import GenerationRequest
 from kiln.errors import InvalidImage
 from kiln.storage import AssetStore
+from kiln.worker.routing import needs_of
 
 INPUT_FIELDS = ("image", "mask")
 
 
 def to_payload(request: GenerationRequest, store: AssetStore) -> dict[str, Any]:
-    """``{"request": {...}}``; the API may add job-level entries (a webhook) beside ``request``."""
+    """``{"request": {...}, "needs": [...]}`` (``needs``: what the worker that runs it should hold,
+    :mod:`kiln.worker.routing`); the API may add job-level entries (a webhook) beside them."""
     data = request.model_dump(exclude=set(INPUT_FIELDS), exclude_none=True)
     for field in INPUT_FIELDS:
         value = getattr(request, field)
         if value is not None:
             data[f"{field}_asset"] = store.put(value, "u", _sniff(value)).name
-    return {"request": data}
+    return {"request": data, "needs": needs_of(data)}
 
 
 def from_payload(payload: dict[str, Any], store: AssetStore) -> GenerationRequest:

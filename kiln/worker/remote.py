@@ -34,11 +34,13 @@ from kiln.worker.runner import Stored, SyncTicket, capacity_exhausted
 log = logging.getLogger(__name__)
 
 POLL_S = 0.5  # how often a waiting API node looks at its client's cancel flag
+ROUTE_GRACE_S = 0.25  # a request offered to one worker that holds its model goes to any after this
 
 
 @dataclass
 class RemoteTicket(SyncTicket):
     sync_id: str = ""
+    target: str | None = None  # the worker it was offered to first (routing), None: any
 
 
 class RemoteWorkers(NoWorker):
@@ -54,8 +56,9 @@ class RemoteWorkers(NoWorker):
             raise capacity_exhausted(self.retry_after)  # no worker at all: no start can come
         payload = to_payload(request, self.store)
         payload["previews"] = previews
-        sync_id = self.channel.offer(payload, ttl_s=self.wait_s + self.channel.lease_s)
-        ticket = RemoteTicket(request, on_step=on_step, cancel=cancel, previews=previews, sync_id=sync_id)
+        sync_id, target = self.channel.offer(payload, ttl_s=self.wait_s + self.channel.lease_s)
+        ticket = RemoteTicket(request, on_step=on_step, cancel=cancel, previews=previews, sync_id=sync_id,
+                              target=target)
         threading.Thread(target=self._follow, args=(ticket,), name=f"kiln-sync-{sync_id}", daemon=True).start()
         return ticket
 
@@ -85,13 +88,22 @@ class RemoteWorkers(NoWorker):
         """The result, once the worker replies; None if the request was withdrawn."""
         channel, sync_id = self.channel, ticket.sync_id
         started, cancel_sent = False, False
-        heard = time.monotonic()
+        heard = offered = time.monotonic()
+        pinned = ticket.target is not None
         while True:
             if ticket.cancel is not None and ticket.cancel.is_set() and not cancel_sent:
                 channel.cancel(sync_id)
                 cancel_sent = True
+            if pinned and not started and time.monotonic() - offered >= ROUTE_GRACE_S:
+                # the worker it was routed to did not take it (died idle, or busy after all): any may
+                pinned = False
+                if channel.unpin(sync_id):
+                    log.info("sync request %s: worker %s did not take it; offered to any", sync_id, ticket.target)
             limit = channel.lease_s if started else self.wait_s + channel.lease_s
-            message = channel.next_message(sync_id, min(POLL_S, max(0.0, heard + limit - time.monotonic())))
+            wait = min(POLL_S, max(0.0, heard + limit - time.monotonic()))
+            if pinned:
+                wait = min(wait, max(0.0, offered + ROUTE_GRACE_S - time.monotonic()))
+            message = channel.next_message(sync_id, wait)
             if message is None:
                 if time.monotonic() - heard < limit:
                     continue
@@ -148,7 +160,9 @@ class RemoteSync:
 
     def run_one(self, worker: Any, block_s: float = 0.0) -> bool:
         """Take one offered request (waiting up to ``block_s``) and run it; whether there was one."""
-        taken = self.channel.take(worker.worker_id, block_s)
+        wake_key = getattr(worker.broker, "wake_key", None)  # a queued job ends the wait too
+        taken = self.channel.take(worker.worker_id, block_s,
+                                  bell=wake_key(worker.worker_id) if wake_key is not None else None)
         if taken is None:
             return False
         sync_id, payload = taken

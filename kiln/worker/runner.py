@@ -25,6 +25,7 @@ from kiln.queue import Broker, Job
 from kiln.storage import Asset, AssetStore
 from kiln.worker.heartbeat import Heartbeat
 from kiln.worker.payload import from_payload
+from kiln.worker.routing import MAX_LORAS_ADVERTISED, holdings
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +63,8 @@ class SyncTicket:
 
 
 STEP_WAIT_S = 60.0
+IDLE_POLL_S = 0.5  # the longest an idle worker goes without asking the broker (leases expire, bells get lost)
+HOLDINGS_TTL_S = 5.0  # how long the list of held models and LoRAs is reused between claims
 
 
 def capacity_exhausted(retry_after: int) -> CapacityExhausted:
@@ -97,6 +100,7 @@ class Worker:
         self.seconds_per_unit: dict[str, float] = {}
         self.alive = False
         self.ready = False  # alive and the default model loaded
+        self._holdings: tuple[float, list[str]] = (-HOLDINGS_TTL_S, [])
 
     # --- lifecycle ---------------------------------------------------------------------------------
 
@@ -110,6 +114,7 @@ class Worker:
         with self._cond:
             self._stopping = True
             self._cond.notify_all()
+        self._ring()
         if self._thread is not None:
             self._thread.join(timeout)
             if self._thread.is_alive() and self._job_cancel is not None:
@@ -121,6 +126,26 @@ class Worker:
     def wake(self) -> None:
         with self._cond:
             self._cond.notify_all()
+        self._ring()
+
+    def _ring(self) -> None:
+        """End an idle wait on the broker (Redis), as notify_all ends one on the condition."""
+        ring = getattr(self.broker, "ring", None)
+        if ring is not None:
+            try:
+                ring(self.worker_id)
+            except KilnError:  # Redis out of reach: the idle wait ends within IDLE_POLL_S anyway
+                pass
+
+    def holdings(self) -> list[str]:
+        """What this worker holds, for routing (:mod:`kiln.worker.routing`): loaded models, cached LoRAs."""
+        at, held = self._holdings
+        if time.monotonic() - at < HOLDINGS_TTL_S:
+            return held
+        loras = self.loras.cached(MAX_LORAS_ADVERTISED) if hasattr(self.loras, "cached") else ()
+        held = holdings(self.engine.loaded(), self.engine.catalog.aliases, loras)
+        self._holdings = (time.monotonic(), held)
+        return held
 
     def estimate(self, model: str, steps: int, megapixels: float) -> float | None:
         """Seconds a run of ``model`` takes here for ``steps`` steps over ``megapixels`` of output (every
@@ -143,6 +168,7 @@ class Worker:
         with self._cond:
             self._sync.append(ticket)
             self._cond.notify_all()
+        self._ring()
         return ticket
 
     def withdraw(self, ticket: SyncTicket) -> bool:
@@ -203,17 +229,29 @@ class Worker:
             return True
         if self.remote is not None and self.remote.run_one(self):
             return True
-        job = self.broker.claim(self.worker_id)
+        job = self.broker.claim(self.worker_id, holds=self.holdings())
         if job is not None:
             self._run_job(job)
             return True
+        self._idle()
+        return True
+
+    def _idle(self) -> None:
+        """Wait for work, at most IDLE_POLL_S: a remote sync request (run here), a job queued anywhere
+        (the broker's bell), or a local sync request or stop (the condition, or the bell with Redis)."""
         if self.remote is not None:
-            self.remote.run_one(self, block_s=0.5)  # idle: wait for a remote sync request instead
-            return True
+            self.remote.run_one(self, block_s=IDLE_POLL_S)  # also returns when the broker's bell rings
+            return
+        wait_for_work = getattr(self.broker, "wait_for_work", None)
+        if wait_for_work is not None:
+            with self._cond:
+                if self._sync or self._stopping:
+                    return
+            wait_for_work(self.worker_id, IDLE_POLL_S)
+            return
         with self._cond:
             if not self._sync and not self._stopping:
-                self._cond.wait(timeout=0.5)
-        return True
+                self._cond.wait(timeout=IDLE_POLL_S)
 
     def _warm_up(self, spec) -> None:
         """One small generation: the first real request does not pay one-time costs (kernel selection,
@@ -236,12 +274,20 @@ class Worker:
 
     def _measure(self, result: GenerationResult, took: float) -> None:
         self.seconds_per_job = took if self.seconds_per_job is None else 0.8 * self.seconds_per_job + 0.2 * took
+        if result.upscale or result.latent_upscale or result.detail_strength is not None:
+            return  # refinement passes cost more than steps x megapixels says: they would skew every ETA
         per_unit = took / max(1e-9, work_units(result.steps, result.width, result.height,
                                                 result.num_frames, len(result.outputs)))
         previous = self.seconds_per_unit.get(result.model)
         self.seconds_per_unit[result.model] = per_unit if previous is None else 0.8 * previous + 0.2 * per_unit
 
     def _run_sync_item(self, item: SyncTicket) -> None:
+        busy = getattr(self.broker, "busy", None)
+        if busy is not None:
+            try:
+                busy(self.worker_id)  # no job is routed to this worker as if it were free
+            except KilnError:
+                pass
         try:
             stored = self._generate(item.request, on_step=item.on_step, cancel=item.cancel, previews=item.previews,
                                     durable=False)

@@ -7,13 +7,13 @@ Events (reference: Async Tier, SSE): ``position`` {position, eta_seconds}, ``sta
 reconnects with ``Last-Event-ID`` gets only what it has not seen, and a finished job replays its
 terminal event. A comment line every 15 s keeps proxies from closing the stream.
 
-The stream follows the broker (it works the same whichever process runs the job), checking for
-changes a few times a second.
+The stream follows the broker (it works the same whichever process or machine runs the job): it
+reads the job when the node's :class:`~kiln.queue.changes.ChangeFeed` says it changed (Redis: a
+pub/sub notice), and at least every second in case a notice was lost.
 """
 
 from __future__ import annotations
 
-import asyncio
 import json
 import time
 from collections.abc import AsyncIterator
@@ -29,7 +29,7 @@ from kiln.queue import Job, JobStatus
 
 router = APIRouter(tags=["async"])
 
-POLL_S = 0.1
+POLL_S = 1.0  # the longest a stream goes without reading its job, notices or not
 KEEPALIVE_S = 15.0
 TERMINAL_ID = 1_000_000
 
@@ -52,6 +52,12 @@ async def job_events(
 
 async def _stream(request: Request, job_id: str, seen: int) -> AsyncIterator[str]:
     svc = services(request)
+    with svc.changes.subscribe(job_id) as changes:  # before the first read: no change slips between
+        async for chunk in _follow(request, svc, changes, job_id, seen):
+            yield chunk
+
+
+async def _follow(request: Request, svc, changes, job_id: str, seen: int) -> AsyncIterator[str]:
     last_position: int | None = None
     last_beat = time.monotonic()
     while True:
@@ -70,7 +76,7 @@ async def _stream(request: Request, job_id: str, seen: int) -> AsyncIterator[str
         if time.monotonic() - last_beat > KEEPALIVE_S:
             yield ": keep-alive\n\n"
             last_beat = time.monotonic()
-        await asyncio.sleep(POLL_S)
+        await changes.next(POLL_S)
 
 
 def _events(svc, job: Job | None, seen: int, last_position: int | None) -> list[tuple[int, str, dict[str, Any]]]:
