@@ -1,4 +1,5 @@
-"""``kiln generate "prompt"``: one generation on this machine, with a progress bar over the steps."""
+"""``kiln generate "prompt"``: one generation on this machine, with a progress bar over the steps
+(or, with ``--server URL``, on a Kiln server: :mod:`kiln.cli.remote`)."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ EXTENSIONS = {".webp": "webp", ".png": "png", ".jpg": "jpeg", ".jpeg": "jpeg", "
 
 
 def add_parser(sub) -> None:
-    p = sub.add_parser("generate", help="generate an image or a video on this machine")
+    p = sub.add_parser("generate", help="generate an image or a video on this machine (or on a server: --server)")
     p.add_argument("prompt", help="what to make")
     p.add_argument("--model", "-m", help="FAMILY/MODEL or FAMILY/ALIAS (default: the catalog's default model)")
     p.add_argument("--task", "-t", help="t2i, i2i, edit, t2v or i2v (default: t2i/t2v, or i2i/i2v with --image)")
@@ -25,18 +26,25 @@ def add_parser(sub) -> None:
     p.add_argument("--scheduler", help="simple, normal or sgm")
     p.add_argument("--strength", type=float, help="i2i/edit: 0..1, how much to change the image")
     p.add_argument("--negative-prompt", help="what to avoid (models that use one)")
-    p.add_argument("--image", type=Path, help="input image for i2i, edit, i2v")
-    p.add_argument("--mask", type=Path, help="edit: white is regenerated, black is kept")
+    p.add_argument("--image", help="input image for i2i, edit, i2v (with --server also a URL)")
+    p.add_argument("--mask", help="edit: white is regenerated, black is kept (with --server also a URL)")
     p.add_argument("--duration", type=float, help="video length in seconds")
     p.add_argument("--lora", action="append", default=[], metavar="FILE[:WEIGHT]",
-                   help="a local .safetensors LoRA and its weight (default 1.0); repeat to stack")
+                   help="a local .safetensors LoRA (with --server: its URL) and its weight (default 1.0); "
+                        "repeat to stack")
     p.add_argument("--num-outputs", "-n", type=int, default=1, help="how many images (1-4)")
     p.add_argument("-o", "--output", type=Path, help="output file (.webp .png .jpg .mp4; default kiln-SEED.webp/.mp4)")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
+    p.add_argument("--server", metavar="URL", help="generate on this Kiln server instead of this machine")
+    p.add_argument("--api-key", metavar="KEY", help="the server's API key (default: KILN_API_KEY)")
     p.set_defaults(run=run)
 
 
 def run(args) -> int:
+    if args.server:
+        from kiln.cli.remote import run_remote
+
+        return run_remote(args)
     from kiln.engine import Engine, GenerationRequest, weights
 
     if not args.verbose:
@@ -139,9 +147,10 @@ def _output_format(path: Path | None, modality: str) -> str:
     return fmt
 
 
-def _read(path: Path | None, what: str) -> bytes | None:
-    if path is None:
+def _read(name: str | None, what: str) -> bytes | None:
+    if name is None:
         return None
+    path = Path(name)
     try:
         return path.read_bytes()
     except OSError as exc:
