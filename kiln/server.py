@@ -21,6 +21,7 @@ from kiln.engine import Engine
 from kiln.engine.safety import load_safety_checker
 from kiln.keys import open_key_store, open_limiter, open_slots
 from kiln.loras import LoraStore
+from kiln.loras.shared import SharedLoras
 from kiln.maintenance import Janitor
 from kiln.queue import Broker, SqliteBroker
 from kiln.settings import Settings, SettingsError
@@ -104,11 +105,14 @@ def build_runtime(
                         worker_id=f"{socket.gethostname()}:{os.getpid()}" if settings.redis_url else "local",
                         safety=safety, safety_default=settings.safety_checker_default)
     loras = LoraStore(settings.loras_dir, max_bytes=settings.lora_cache_bytes)
+    # with Redis a job may run on any node's worker or a kiln worker elsewhere: adapters go through the
+    # shared asset store too (kiln.loras.shared)
+    share = SharedLoras(loras, store) if settings.redis_url else None
     if hasattr(worker, "loras"):
-        worker.loras = loras  # the worker's engine loads the adapters the API side cached
+        worker.loras = share or loras  # the worker's engine loads the adapters the API side cached
     services = Services(
         settings=settings, catalog=catalog, broker=broker, store=store, keys=keys, worker=worker,
-        validate=engine.plan, outbox=outbox, loras=loras,
+        validate=engine.plan, outbox=outbox, loras=loras, lora_share=share,
         limiter=open_limiter("requests", settings.redis_url), upload_limiter=open_limiter("uploads", settings.redis_url),
         task_slots=open_slots("tasks", settings.redis_url),
     )

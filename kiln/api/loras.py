@@ -36,6 +36,9 @@ async def resolve_loras(svc: Services, items: list[tuple[str, float]], *, field:
     refs = await asyncio.gather(*(
         _one(svc, source.strip(), weight, field=f"{field}[{i}]", repo_ids=repo_ids) for i, (source, weight) in enumerate(items)
     ))
+    if svc.lora_share is not None:  # scale-out: the job may run on a worker on another machine
+        for ref in refs:
+            await asyncio.to_thread(svc.lora_share.publish, ref.sha256)
     return tuple(refs)
 
 

@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from kiln.api.fetch import FetchPolicy
 from kiln.loras import LoraStore
+from kiln.loras.shared import SharedLoras
 from kiln.api.metrics import Metrics
 from kiln.api.policy import PromptFilter
 from kiln.catalog import Catalog
@@ -54,6 +55,7 @@ class Services:
     backends: tuple[str, ...] = ("torch",)
     outbox: Outbox | None = None  # webhook deliveries; None: webhooks are refused
     loras: LoraStore | None = None  # LoRA files by content hash; None: requests with loras are refused
+    lora_share: SharedLoras | None = None  # with Redis: adapters published for workers on other machines
     # notices of job changes that SSE streams wait on; an in-process broker (SQLite) is wired to it
     # here, the Redis one through kiln.queue.changes.RedisChangeListener (kiln.server starts it)
     changes: ChangeFeed = field(default_factory=ChangeFeed)

@@ -40,6 +40,7 @@ def run(args) -> int:
     from kiln.engine import Engine
     from kiln.engine.safety import load_safety_checker
     from kiln.loras import LoraStore
+    from kiln.loras.shared import SharedLoras
     from kiln.queue.redis_sync import RedisSyncChannel
     from kiln.server import build_store, make_broker
     from kiln.worker import Worker
@@ -74,9 +75,9 @@ def run(args) -> int:
                     safety_default=settings.safety_checker_default)
     # when idle, it takes the sync requests API nodes offer (kiln.worker.remote)
     worker.remote = RemoteSync(RedisSyncChannel(settings.redis_url, lease_s=settings.lease_s))
-    # LoRAs are fetched by API nodes into their data directory: this worker finds them there only when
-    # it shares that directory (the same machine, or a shared file system)
-    worker.loras = LoraStore(settings.loras_dir, max_bytes=settings.lora_cache_bytes)
+    # LoRAs are fetched by API nodes, which publish them in the shared asset store: copied from there
+    # into this worker's own cache when a job needs one it lacks
+    worker.loras = SharedLoras(LoraStore(settings.loras_dir, max_bytes=settings.lora_cache_bytes), store)
     process = WorkerProcess(worker, host=settings.host, port=settings.worker_port or None,
                             grace_s=settings.shutdown_grace_s)
     where = f", health on http://{settings.host}:{process.health.port}" if process.health else ""

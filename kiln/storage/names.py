@@ -20,16 +20,21 @@ from typing import Literal
 
 from kiln.errors import InvalidAssetName, UnsupportedFormat
 
-Kind = Literal["i", "v", "u"]
-"""``i`` generated images, ``v`` generated videos, ``u`` user uploads (the CDN route prefixes)."""
+Kind = Literal["i", "v", "u", "l"]
+"""``i`` generated images, ``v`` generated videos, ``u`` user uploads (the CDN route prefixes), ``l``
+LoRA adapters shared with workers on other machines (:mod:`kiln.loras.shared`; no CDN route)."""
 
-KINDS: tuple[Kind, ...] = ("i", "v", "u")
+KINDS: tuple[Kind, ...] = ("i", "v", "u", "l")
+
+SAFETENSORS = "application/vnd.kiln.safetensors"
+"""The media type LoRA adapters are stored under (safetensors has no registered one)."""
 
 EXTENSIONS: Mapping[str, str] = {
     "image/webp": "webp",
     "image/png": "png",
     "image/jpeg": "jpg",
     "video/mp4": "mp4",
+    SAFETENSORS: "safetensors",
 }
 """Media type -> file extension; the only media types a store accepts."""
 
@@ -42,16 +47,17 @@ KIND_MEDIA_TYPES: Mapping[Kind, frozenset[str]] = {
     "i": _IMAGES,
     "v": frozenset({"video/mp4"}),
     "u": _IMAGES,  # uploads are input images for i2i / i2v
+    "l": frozenset({SAFETENSORS}),
 }
 
 # fullmatch and re.ASCII: no trailing-newline leniency of `$`, no Unicode digits or letters.
-_NAME = re.compile(r"[0-9a-f]{64}\.(webp|png|jpg|mp4)", re.ASCII)
+_NAME = re.compile(r"[0-9a-f]{64}\.(webp|png|jpg|mp4|safetensors)", re.ASCII)
 
 
 def validate_kind(kind: object) -> Kind:
     """Return ``kind`` if it is one of :data:`KINDS`; otherwise raise :class:`InvalidAssetName`."""
     if type(kind) is not str or kind not in KINDS:
-        raise InvalidAssetName(f"unknown asset kind {_shown(kind)}; kinds are i, v and u")
+        raise InvalidAssetName(f"unknown asset kind {_shown(kind)}; kinds are i, v, u and l")
     return kind  # type: ignore[return-value]
 
 
@@ -64,7 +70,7 @@ def validate_name(kind: object, name: object) -> str:
     kind = validate_kind(kind)
     if type(name) is not str or not _NAME.fullmatch(name):
         raise InvalidAssetName(
-            f"{_shown(name)} is not an asset name (64 lowercase hex digits and .webp, .png, .jpg or .mp4)"
+            f"{_shown(name)} is not an asset name (64 lowercase hex digits and .webp, .png, .jpg, .mp4 or .safetensors)"
         )
     media_type = MEDIA_TYPES[name.rsplit(".", 1)[1]]
     if media_type not in KIND_MEDIA_TYPES[kind]:
