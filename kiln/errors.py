@@ -151,6 +151,14 @@ class QueueUnavailable(UnavailableError):
     code = "queue_unavailable"
 
 
+class RedisUnavailable(QueueUnavailable):
+    """Redis itself is out of reach (refused, timed out) for the queue, keys, rate limits or task slots.
+
+    Its code and HTTP status are :class:`QueueUnavailable`'s (503 ``queue_unavailable``); a door whose
+    API names a Redis outage apart (Vyro's 1201) tells it from other queue failures by this class.
+    """
+
+
 class StorageUnavailable(UnavailableError):
     """The asset store cannot be reached or refuses access (S3 endpoint down, bad credentials, no bucket).
 

@@ -1,8 +1,9 @@
 """What every Redis-backed part of Kiln (the job queue, keys, rate limits, task slots) shares.
 
 They use one Redis server, so one outage reads the same everywhere: :func:`reachable` turns a
-refused or timed-out connection into :class:`~kiln.errors.QueueUnavailable` (503 at the API; a
-worker's loop retries), and :func:`where_of` names the server in messages without its password.
+refused or timed-out connection into :class:`~kiln.errors.RedisUnavailable` (a
+:class:`~kiln.errors.QueueUnavailable`: 503 at the API, Vyro's 1201; a worker's loop retries), and
+:func:`where_of` names the server in messages without its password.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from typing import ParamSpec, TypeVar
 
 import redis
 
-from kiln.errors import QueueUnavailable
+from kiln.errors import RedisUnavailable
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -36,7 +37,7 @@ def where_of(client: redis.Redis) -> str:
 
 
 def reachable(what: str) -> Callable[[Callable[P, R]], Callable[P, R]]:
-    """A method decorator: Redis out of reach becomes :class:`QueueUnavailable` naming ``what`` and
+    """A method decorator: Redis out of reach becomes :class:`RedisUnavailable` naming ``what`` and
     the server (``self.where``); the client reconnects by itself on the next call once Redis is back."""
 
     def decorate(method: Callable[P, R]) -> Callable[P, R]:
@@ -46,7 +47,7 @@ def reachable(what: str) -> Callable[[Callable[P, R]], Callable[P, R]]:
                 return method(*args, **kwargs)
             except (redis.ConnectionError, redis.TimeoutError) as exc:
                 where = args[0].where  # type: ignore[attr-defined]
-                raise QueueUnavailable(f"{what} (Redis at {where}) cannot be reached: {exc}; retry later") from exc
+                raise RedisUnavailable(f"{what} (Redis at {where}) cannot be reached: {exc}; retry later") from exc
 
         return wrapper
 

@@ -102,6 +102,9 @@ def test_an_other_ratio_comes_back_exactly_that_size(server):
     (errors.ModelNotInstalled("flux/mini is not installed"), 503, 1200, "ServiceUnavailable"),
     (errors.ModelLoadFailed("flux/mini could not be loaded"), 503, 1200, "ServiceUnavailable"),
     (errors.ModelUnavailable("announced, not served yet"), 503, 1206, "NotImplemented"),
+    (errors.QueueUnavailable("the job queue cannot be used"), 503, 1200, "ServiceUnavailable"),
+    (errors.RedisUnavailable("the sync tier (Redis at 127.0.0.1:1/0) cannot be reached"), 503, 1201,
+     "ServiceUnavailable"),
     (RuntimeError("a bug"), 500, 1300, "InternalServerError"),
 ])
 def test_service_errors(tmp_path, engine, exc, status, code, name):
@@ -208,3 +211,19 @@ def test_a_database_failure_is_1203(server, monkeypatch):
     r = generate(server, prompt=PROMPT, style="flux-mini")
     assert (r.status_code, r.json()["code"], r.json()["error"]) == (503, 1203, "ServiceUnavailable")
     assert "locked" not in r.text
+
+
+def test_redis_out_of_reach_is_1201(server, monkeypatch):
+    """A real Redis client pointed at a port nothing listens on: the outage reads as the reference's
+    "Unable to connect to Redis" (1201), not as a model being unavailable (1200)."""
+    from helpers import free_port
+    from kiln.keys.redis_store import RedisKeyStore
+
+    keys = RedisKeyStore(f"redis://127.0.0.1:{free_port()}/0")
+    monkeypatch.setattr(server.services, "keys", keys)
+    try:
+        r = generate(server, prompt=PROMPT, style="flux-mini")
+    finally:
+        keys.close()
+    assert (r.status_code, r.json()["code"], r.json()["error"]) == (503, 1201, "ServiceUnavailable")
+    assert "key store" in r.json()["message"] and "Traceback" not in r.text

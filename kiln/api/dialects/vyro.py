@@ -11,9 +11,11 @@ sync tier, like the render API's sync routes.
 Errors are ``{"status": "error", "code": <number>, "error": <name>, "message": <what to change>}``,
 with the reference's codes for the conditions they name (:data:`CODES`, mapped in one place). The
 reference's codes for conditions Kiln does not have (captchas 1003-1004, application, device and
-account checks 1005-1007, Redis 1201) are never sent. The reference has no code for content policy:
-a prompt the operator's filter refuses and an output the safety classifier flags (``nsfw_detected``)
-are 1100, an invalid request, with the message saying which.
+account checks 1005-1007) are never sent. 1201 is Redis out of reach
+(:class:`~kiln.errors.RedisUnavailable`): a server started with ``--redis`` keeps its queue, keys,
+rate limits and sync hand-off there; without Redis it never happens. The reference has no code for
+content policy: a prompt the operator's filter refuses and an output the safety classifier flags
+(``nsfw_detected``) are 1100, an invalid request, with the message saying which.
 """
 
 from __future__ import annotations
@@ -48,6 +50,7 @@ from kiln.errors import (
     KilnError,
     ModelUnavailable,
     QueueFull,
+    RedisUnavailable,
     UnavailableError,
     UserError,
 )
@@ -64,6 +67,7 @@ CODES: dict[int, tuple[int, str]] = {
     1100: (400, "BadRequest"),  # the request is invalid
     1101: (402, "PaymentRequired"),  # not enough credits
     1200: (503, "ServiceUnavailable"),  # the service (model) is not available
+    1201: (503, "ServiceUnavailable"),  # Redis (queue, keys, limits) cannot be reached
     1202: (429, "TooManyRequests"),
     1204: (504, "GatewayTimeout"),  # the request waited too long to start
     1205: (500, "InternalServiceError"),  # the generation failed
@@ -93,6 +97,8 @@ def code_of(exc: KilnError) -> int:
         return 1204
     if isinstance(exc, ModelUnavailable):
         return 1206
+    if isinstance(exc, RedisUnavailable):
+        return 1201
     if isinstance(exc, UnavailableError):
         return 1200
     if isinstance(exc, UserError):
