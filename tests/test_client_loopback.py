@@ -171,3 +171,22 @@ def test_the_readme_example_runs(served, tmp_path, monkeypatch, capsys):
     for name in ("circle.webp", "stars.webp"):
         with Image.open(tmp_path / name) as img:
             assert img.format == "WEBP"
+
+
+def test_cli_ctrl_c_cancels_the_job_on_the_server(served, monkeypatch):
+    from kiln.cli import remote
+
+    submitted = []
+    real_submit = kc.Client.submit
+    monkeypatch.setattr(kc.Client, "submit", lambda self, *a, **k: submitted.append(real_submit(self, *a, **k))
+                        or submitted[-1])
+
+    def interrupted(self, index, event):  # Ctrl-C while the bar shows the first step
+        if isinstance(event, kc.Progress):
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(remote._RemoteProgress, "update", interrupted)
+    assert kiln_generate(served, "a red circle", "-m", "flux/mini", "-f", "1024", "--steps", "24") == 130
+    base, key = served
+    with kc.Client(base, key) as c, pytest.raises(kc.JobCancelled):
+        c.wait(submitted[0])

@@ -36,7 +36,8 @@ ImageInput = str | bytes | os.PathLike[str]
 class Params(TypedDict, total=False):
     """Generation parameters of the render API (Request Schemas); None or absent: the model's default.
 
-    ``image`` and ``mask`` are a URL or data URI, or bytes or a path, which are uploaded first.
+    ``image`` and ``mask`` are a URL or data URI (a ``str``), or bytes or a ``pathlib.Path``, which
+    are uploaded first.
     ``loras`` are ``{"url": ..., "weight": ...}`` dicts, ``(url, weight)`` pairs or bare URLs.
     """
 
