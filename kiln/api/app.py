@@ -11,7 +11,7 @@ from fastapi import FastAPI
 from kiln import __version__
 from kiln.api import dialects, errors
 from kiln.api.guard import BodyGuard
-from kiln.api.routes import cdn, discovery, events, generate, ops, uploads, ws
+from kiln.api.routes import cdn, discovery, events, generate, ops, playground, uploads, ws
 from kiln.api.services import Services
 
 
@@ -78,7 +78,7 @@ def create_app(services: Services, *, on_start: Callable[[], None] | None = None
     app.state.services = services
     errors.install(app)
 
-    for module in (generate, events, ws, discovery, uploads, cdn, ops):
+    for module in (generate, events, ws, discovery, uploads, cdn, ops, playground):
         app.include_router(module.router)
     dialects.install(app)  # the compatible front doors: OpenAI Images, WaveSpeed-style, Vyro-style
     app.add_middleware(LimitsAndMetrics, metrics=services.metrics)
