@@ -21,10 +21,11 @@ async def list_models(
     modality: Literal["image", "video"] | None = None,
     key: KeyRecord | None = Depends(authenticate),
 ) -> dict[str, Any]:
-    """Every model this server serves, optionally filtered by family or modality."""
+    """Every model this server serves, optionally filtered by family or modality; ``default`` marks
+    the one served when none is named (the playground preselects it)."""
     svc = services(request)
     models = [
-        _model(spec, svc.backends)
+        {**_model(spec, svc.backends), "default": spec.key == svc.catalog.default_model}  # as `kiln models`
         for spec in svc.catalog
         if (family is None or spec.family == family) and (modality is None or spec.modality == modality)
     ]
