@@ -181,3 +181,36 @@ def test_no_local_worker_needs_redis():
     with pytest.raises(SettingsError, match=r"needs redis_url \(--redis\)"):
         load_settings({"local_worker": False}, environ={})
     assert not Settings(local_worker=False, redis_url="redis://127.0.0.1:6379/0").local_worker
+
+
+def test_an_api_node_and_a_worker_ride_out_a_redis_restart(tmp_path, engine, catalog_file, durable_redis):
+    """Redis (append-only, fsync always) SIGKILLed mid-run and started again: the API node answers 503
+    while it is down, both processes reconnect on their own, and every job whose 202 was sent completes."""
+    with running_server(tmp_path, engine, redis_url=durable_redis.url, local_worker=False, lease_s=2.0) as srv:
+        worker = WorkerProcess(catalog_file, tmp_path / "data", durable_redis.url, KILN_LEASE_S="2")
+        try:
+            def submit(i: int):
+                return srv.client.post("/queue", json=queue_body(steps=15, seed=i), headers=srv.auth)
+
+            accepted = []
+            for i in range(8):
+                r = submit(i)
+                assert r.status_code == 202, r.text
+                accepted.append(r.json()["id"])
+            srv.wait_for(accepted[0], until=lambda j: j.status.value != "queued")  # the worker is at work
+            durable_redis.kill()
+            down = submit(99)
+            assert down.status_code == 503 and down.json()["error"] == "queue_unavailable", down.text
+            assert srv.client.get(f"/jobs/{accepted[0]}", headers=srv.auth).status_code == 503
+            durable_redis.start()
+            for i in range(8, 12):
+                r = submit(i)
+                assert r.status_code == 202, r.text
+                accepted.append(r.json()["id"])
+            for job_id in accepted:
+                job = srv.wait_for(job_id, timeout=120)
+                assert job.status.value == "complete", (job_id, job.error_code, job.error_message)
+            assert worker.proc.poll() is None  # it rode it out
+            assert httpx.get(f"{worker.base}/readyz").status_code == 200
+        finally:
+            assert worker.stop() == 0, worker.log
