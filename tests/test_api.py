@@ -684,3 +684,38 @@ def test_queued_eta_sums_measured_step_times_of_the_jobs_ahead(tmp_path, engine)
         # toy-96x64 has 1.5 times the pixels of toy-64: 20 steps take 15 s instead of 10
         bigger = srv.client.post("/queue", json=queue_body(steps=20, format="toy-96x64"), headers=srv.auth).json()
         assert bigger["eta_seconds"] == 34 + 15
+
+
+def test_a_job_whose_every_output_was_withheld_answers_200_without_output(busy):
+    """What the worker stores when the safety checker withheld every output (WaveSpeed's
+    ``enable_safety_checker``): no output path. The job is complete, and there is nothing to redirect to."""
+    job = busy.client.post("/queue", json=queue_body(), headers=busy.auth).json()
+    broker = busy.services.broker
+    claimed = broker.claim("w")
+    assert claimed is not None and claimed.id == job["id"]
+    broker.complete(job["id"], "", {"outputs": [], "seed": 7, "duration_ms": 3, "width": 64, "height": 64,
+                                    "nsfw": [True]}, lease=claimed.lease)
+    r = busy.client.get(f"/jobs/{job['id']}", headers=busy.auth, follow_redirects=False)
+    assert r.status_code == 200 and "location" not in r.headers, r.text
+    body = r.json()
+    assert body["status"] == "complete" and "output" not in body and body["outputs"] == [] and body["seed"] == 7
+    with busy.client.stream("GET", f"/jobs/{job['id']}/events", headers=busy.auth) as events:
+        ((_, name, data),) = [e for e in read_events(events) if e[1] != "started"]
+    assert name == "complete" and "output" not in data and data["outputs"] == []
+
+
+@pytest.mark.parametrize(("model", "status"), [("dev", 200), ("mini", 200), ("schnell", 400), ("dev2", 400)])
+def test_negative_prompt_on_the_models_that_take_one(server, model, status):
+    steps = {"dev": 15, "mini": 4, "schnell": 4, "dev2": None}[model]
+    body = {**PROMPT, "negative_prompt": "blurry, text", "seed": 1, **({"steps": steps} if steps else {})}
+    r = server.client.post(f"/image/flux/{model}/t2i?format=toy-64", json=body, headers=server.auth)
+    assert r.status_code == status, r.text
+    if status == 400:
+        error = r.json()
+        assert error["error"] == "invalid_parameters" and "negative prompt" in error["message"]
+        assert "flux/dev" in error["message"] and "flux/mini" in error["message"]
+        assert error["details"]["field"] == "negative_prompt"
+    else:
+        plain = server.client.post(f"/image/flux/{model}/t2i?format=toy-64", json={**body, "negative_prompt": None},
+                                   headers=server.auth)
+        assert plain.status_code == 200 and plain.content != r.content  # it changed the picture

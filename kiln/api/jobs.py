@@ -31,6 +31,7 @@ def own_job(svc: Services, job_id: str, key: KeyRecord | None) -> Job:
 
 
 def job_json(svc: Services, job: Job) -> dict[str, Any]:
+    """A job as ``GET /jobs/{id}`` shows it; a complete job has ``output`` only if one was stored."""
     body: dict[str, Any] = {"id": job.id, "status": job.status.value, "created_at": iso(job.created)}
     if job.status is JobStatus.QUEUED:
         position = svc.broker.position(job.id) or 1
@@ -45,9 +46,10 @@ def job_json(svc: Services, job: Job) -> dict[str, Any]:
         )
     elif job.status is JobStatus.COMPLETE:
         result = job.result or {}
+        if job.output:  # none when the safety checker withheld every output (WaveSpeed's enable_safety_checker)
+            body["output"] = absolute(svc, job.output)
         body.update(
-            output=absolute(svc, job.output or ""),
-            outputs=[absolute(svc, o) for o in result.get("outputs", [job.output])],
+            outputs=[absolute(svc, o) for o in result.get("outputs", [job.output]) if o],
             seed=result.get("seed"),
             duration_ms=result.get("duration_ms"),
             started_at=iso(job.started),

@@ -90,11 +90,12 @@ async def submit(body: QueueBody, request: Request, key: KeyRecord | None = Depe
 
 @router.get("/jobs/{job_id}", tags=["async"], responses={303: {"description": "complete: redirect to the output"}})
 async def get_job(job_id: str, request: Request, key: KeyRecord | None = Depends(authenticate)) -> Response:
-    """A job's state; a complete job answers 303 to its output, with the JSON body as well."""
+    """A job's state; a complete job answers 303 to its output, with the JSON body as well (200 and no
+    ``output`` when the safety checker withheld every output, as WaveSpeed's ``enable_safety_checker`` does)."""
     svc = services(request)
     job = own_job(svc, job_id, key)
     body = job_json(svc, job)
-    if job.status is JobStatus.COMPLETE:
+    if job.status is JobStatus.COMPLETE and "output" in body:
         return JSONResponse(body, status_code=303, headers={"Location": body["output"]})
     return JSONResponse(body)
 
