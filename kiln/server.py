@@ -93,6 +93,8 @@ def build_runtime(
     store = build_store(settings)
     keys = open_key_store(settings.database, settings.redis_url)  # with Redis: shared by every API node
     outbox = Outbox(settings.database, schedule=webhook_schedule)
+    if hasattr(broker, "record_webhook"):
+        outbox.mirror = lambda d: broker.record_webhook(d.job_id, d.record())  # every node shows it
     if worker is None and not settings.local_worker:
         from kiln.queue.redis_sync import RedisSyncChannel
         from kiln.worker.remote import RemoteWorkers

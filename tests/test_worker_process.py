@@ -151,6 +151,11 @@ def test_finished_jobs_webhooks_are_sent_by_exactly_one_api_node(tmp_path, engin
         queued_b = [i for i in ids if b.services.outbox.state_for_job(i)]
         assert sorted(queued_a + queued_b) == sorted(ids)  # each job's webhook in exactly one outbox
         assert sorted(json.loads(body)["id"] for _, body, _ in receiver.calls) == sorted(ids)
+        # either node shows each delivery, whichever node sent it (keys live in Redis: a's key works on b)
+        for job_id, owner in zip(ids, [a] * 5 + [b] * 5, strict=True):
+            for node in (a, b):
+                node.wait_for(job_id, until=lambda j, node=node, owner=owner: node.client.get(
+                    f"/jobs/{j.id}", headers=owner.auth, follow_redirects=False).json()["webhook"]["state"] == "delivered")
         remote.close()
 
 

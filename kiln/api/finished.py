@@ -8,9 +8,9 @@ others leave it. A node's own worker's jobs go through the same claim, so a job 
 nodes. The claim names the node (host and data directory), so a node that restarts before its outbox
 has the webhook queues it again (the outbox ignores one it already has).
 
-Left as it is: a node that claims a job and dies for good before queueing it loses that webhook
-(a window of one SQLite insert); ``GET /jobs/{id}`` shows the webhook's delivery state only on the node
-that sends it ("waiting" elsewhere).
+The sending node's outbox copies each delivery's state to Redis after every change, so
+``GET /jobs/{id}`` shows it on every node. Left as it is: a node that claims a job and dies for good
+before queueing it loses that webhook (a window of one SQLite insert).
 """
 
 from __future__ import annotations

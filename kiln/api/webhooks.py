@@ -58,20 +58,23 @@ def notify_terminal(svc: Services, job: Job) -> None:
 
 
 def webhook_state(svc: Services, job: Job) -> dict | None:
+    """The job's webhook delivery as ``GET /jobs/{id}`` shows it: from this node's outbox, else (Redis:
+    another node sends it) from the copy that node shares, else waiting."""
     if svc.outbox is None or not job.payload.get("webhook"):
         return None
     deliveries = svc.outbox.state_for_job(job.id)
-    if not deliveries:
+    shared = getattr(svc.broker, "webhook_record", None)
+    record = deliveries[-1].record() if deliveries else shared(job.id) if shared is not None else None
+    if record is None:
         return {"state": "waiting"}  # sent once the job finishes
-    d = deliveries[-1]
     from kiln.api.jobs import iso
 
     return {
-        "id": d.msg_id,
-        "state": d.state.value,
-        "attempts": d.attempts,
-        "last_status": d.last_status,
-        "last_error": d.last_error,
-        "next_attempt_at": iso(d.next_attempt_at),
-        "delivered_at": iso(d.delivered_at),
+        "id": record["msg_id"],
+        "state": record["state"],
+        "attempts": record["attempts"],
+        "last_status": record["last_status"],
+        "last_error": record["last_error"],
+        "next_attempt_at": iso(record["next_attempt_at"]),
+        "delivered_at": iso(record["delivered_at"]),
     }

@@ -275,6 +275,17 @@ class RedisBroker:
         pipe.execute()
 
     @_reachable
+    def record_webhook(self, job_id: str, record: dict[str, Any], ttl_s: float = 2 * 24 * 3600.0) -> None:
+        """Keep a copy of ``job_id``'s webhook delivery state (the sending node's outbox is the truth),
+        so that every API node shows it."""
+        self._r.set(f"{self.prefix}webhook:{job_id}", json.dumps(record, separators=(",", ":")), ex=int(ttl_s))
+
+    @_reachable
+    def webhook_record(self, job_id: str) -> dict[str, Any] | None:
+        raw = self._r.get(f"{self.prefix}webhook:{job_id}")
+        return None if raw is None else json.loads(raw)
+
+    @_reachable
     def busy(self, worker_id: str) -> None:
         """``worker_id`` started work the broker does not see (a sync request): it is not idle."""
         self._r.zrem(f"{self.prefix}idle", worker_id)

@@ -124,6 +124,13 @@ class Delivery:
     last_error: str | None = None
     delivered_at: float | None = None
 
+    def record(self) -> dict[str, Any]:
+        """The delivery's state as plain JSON values (no body, no secret reference): what other API
+        nodes read to show it (:meth:`~kiln.queue.redis.RedisBroker.record_webhook`)."""
+        return {"msg_id": self.msg_id, "state": self.state.value, "attempts": self.attempts,
+                "last_status": self.last_status, "last_error": self.last_error,
+                "next_attempt_at": self.next_attempt_at, "delivered_at": self.delivered_at}
+
     def summary(self) -> dict[str, Any]:
         """What a job's owner may see (``GET /jobs/{id}``): no body, no secret reference. Times are UTC datetimes."""
         return {
@@ -170,6 +177,9 @@ class Outbox(SqliteStore):
         self.give_up_after = give_up_after
         self._rng = rng or random.Random()
         self._listeners: list[Callable[[], None]] = []
+        # told of every message's state after each change (enqueued, attempted): with Redis, other API
+        # nodes show a job's webhook from this copy
+        self.mirror: Callable[[Delivery], None] | None = None
 
     def subscribe(self, callback: Callable[[], None]) -> None:
         """Call ``callback()`` (from the enqueuing thread, after the commit) whenever a message is enqueued."""
@@ -202,7 +212,15 @@ class Outbox(SqliteStore):
                 callback()
             except Exception:  # the row is committed; a listener's failure must not undo the caller's work
                 log.exception("webhook outbox listener failed")
-        return _delivery(row)
+        return self._mirrored(_delivery(row))
+
+    def _mirrored(self, delivery: Delivery) -> Delivery:
+        if self.mirror is not None:
+            try:
+                self.mirror(delivery)
+            except Exception:  # the outbox is the truth; a copy that failed is refreshed at the next change
+                log.warning("could not share webhook %s's state with other nodes", delivery.msg_id, exc_info=True)
+        return delivery
 
     def state_for_job(self, job_id: str) -> list[Delivery]:
         """The job's messages, oldest first (one per webhook URL); ``summary()`` each for ``GET /jobs/{id}``."""
@@ -315,7 +333,7 @@ class Outbox(SqliteStore):
                 (*fields.values(), msg_id),
             )
             row = db.execute("SELECT * FROM webhook_deliveries WHERE msg_id = ?", (msg_id,)).fetchone()
-        return _delivery(row)
+        return self._mirrored(_delivery(row))
 
 
 def _delivery(row: sqlite3.Row) -> Delivery:
