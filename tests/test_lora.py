@@ -276,16 +276,38 @@ def test_wavespeed_loras_by_url_and_by_hugging_face_repo_id(tmp_path, engine, fi
 
         plain, by_url = submit(), submit(loras=[{"path": f"{files.url}/pastel.safetensors", "scale": 1}])
         by_repo = submit(loras=[{"path": "kiln/pastel", "scale": 1}])
+        by_repo_again = submit(loras=[{"path": "kiln/pastel", "scale": 1}])
         strong = submit(loras=[{"path": "kiln/pastel/pastel.safetensors", "scale": 3}])
-        for r in (plain, by_url, by_repo, strong):
+        for r in (plain, by_url, by_repo, by_repo_again, strong):
             assert r.status_code == 200 and r.json()["data"]["status"] == "completed", r.text
         pictures = [image_of(base64.b64decode(r.json()["data"]["outputs"][0].split(",")[-1]))
-                    for r in (plain, by_url, by_repo, strong)]
+                    for r in (plain, by_url, by_repo, by_repo_again, strong)]
         assert np.abs(pictures[1] - pictures[0]).mean() > 3 and np.array_equal(pictures[1], pictures[2])
-        assert not np.array_equal(pictures[3], pictures[1])
-        assert files.hits["/api/models/kiln/pastel"] == 1  # the repo id resolved once, then cached by URL
+        assert np.array_equal(pictures[2], pictures[3]) and not np.array_equal(pictures[4], pictures[1])
+        # the repo id was looked up on the hub once and its file downloaded once, for both requests
+        assert files.hits["/api/models/kiln/pastel"] == 1
+        assert files.hits["/kiln/pastel/resolve/main/pastel.safetensors"] == 1
         r = submit(loras=[{"path": "not a path", "scale": 1}])
         assert r.status_code == 400 and "Hugging Face repo id" in r.json()["message"]
         r = srv.client.post("/api/v3/wavespeed-ai/flux-schnell-lora", json={
             "prompt": PROMPT, "size": "512*512", "loras": [{"path": "kiln/pastel", "scale": 1}]}, headers=srv.auth)
         assert r.status_code == 400 and "distilled" in r.json()["message"]
+
+
+def test_a_cached_repo_id_works_while_the_hub_is_down(tmp_path, engine, files):
+    with running_server(tmp_path, engine, allow_private_fetch=True, hf_endpoint=files.url) as srv:
+        def submit(path):
+            body = {"prompt": PROMPT, "size": "256*256", "seed": 5, "enable_sync_mode": True, "output_format": "png",
+                    "enable_base64_output": True, "loras": [{"path": path, "scale": 1}]}
+            return srv.client.post("/api/v3/kiln/flux-mini", json=body, headers=srv.auth)
+
+        first = submit("kiln/pastel")
+        assert first.json()["data"]["status"] == "completed", first.text
+        files.httpd.shutdown()
+        files.httpd.server_close()  # the hub refuses connections from now on
+        again = submit("kiln/pastel")
+        assert again.status_code == 200 and again.json()["data"]["outputs"] == first.json()["data"]["outputs"], again.text
+        assert files.hits["/api/models/kiln/pastel"] == 1
+        # a repo id never resolved before needs the hub: a 400 that says it could not be reached
+        other = submit("kiln/other")
+        assert other.status_code == 400 and "Hugging Face model page" in other.json()["message"], other.text

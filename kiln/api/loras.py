@@ -6,7 +6,9 @@ WaveSpeed ``loras[].path``) or, where the dialect allows, by a Hugging Face repo
 Downloads go through the image fetcher's checks (:func:`kiln.api.fetch.fetch_file`: public
 addresses only, every redirect checked, one deadline, a size cap), land in the
 :class:`~kiln.loras.LoraStore` by content hash and are judged by parsing (safetensors only). A URL
-is downloaded once; later requests naming it use the cached file.
+is downloaded once; later requests naming it use the cached file. A repo id whose file the hub's
+model page has to pick (``owner/name``) is looked up once too: the store remembers the URL it
+resolved to, so a cached adapter named by repo id still works while the hub is out of reach.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from kiln.errors import InvalidLora
 
 REPO_ID = re.compile(r"^(?P<repo>[A-Za-z0-9][\w.-]{0,95}/[A-Za-z0-9][\w.-]{0,95})(?:/(?P<file>[\w./-]{1,200}\.safetensors))?$")
 PREFERRED_FILES = ("pytorch_lora_weights.safetensors", "lora.safetensors")
+REVISION = "main"  # a repo id names no revision; its default branch
 
 
 async def resolve_loras(svc: Services, items: list[tuple[str, float]], *, field: str, repo_ids: bool) -> tuple[LoraRef, ...]:
@@ -43,30 +46,41 @@ async def resolve_loras(svc: Services, items: list[tuple[str, float]], *, field:
 
 
 async def _one(svc: Services, source: str, weight: float, *, field: str, repo_ids: bool) -> LoraRef:
+    store = svc.loras
+    assert store is not None
+    name = None  # a repo id whose file the hub's model page picks: remembered once its adapter is stored
     if source.lower().startswith(("http://", "https://")):
         url = source
     elif repo_ids and (match := REPO_ID.match(source)):
-        url = await _hub_url(svc, match["repo"], match["file"], field)
+        url, name = await _hub_url(svc, match["repo"], match["file"], field)
     else:
         also = " or a Hugging Face repo id (owner/name)" if repo_ids else ""
         raise InvalidLora(f"{field}: {source[:200]!r} is not an http(s) URL of a .safetensors file{also}",
                           details={"field": field})
-    store = svc.loras
-    assert store is not None
     sha = await asyncio.to_thread(store.for_url, url)
     if sha is None:
         fetched = await fetch_file(url, policy=svc.lora_policy, directory=store.root, field=field, noun="LoRA",
                                    error=InvalidLora)
         sha = await asyncio.to_thread(store.add, fetched.path, fetched.sha256, url=url, field=field)
+    if name is not None:
+        await asyncio.to_thread(store.remember_url, name, url)
     return LoraRef(sha256=sha, weight=weight, source=source[:2048])
 
 
-async def _hub_url(svc: Services, repo: str, file: str | None, field: str) -> str:
-    """The download URL of the adapter in a Hugging Face model repository."""
+async def _hub_url(svc: Services, repo: str, file: str | None, field: str) -> tuple[str, str | None]:
+    """The download URL of the adapter in a Hugging Face model repository, and the name to remember it
+    by when the hub had to be asked which file it is (None when the URL was known without asking)."""
     base = svc.settings.hf_endpoint
-    if file is None:
-        file = await _pick_file(svc, repo, field)
-    return f"{base}/{quote(repo)}/resolve/main/{quote(file)}"
+    if file is not None:
+        return f"{base}/{quote(repo)}/resolve/{REVISION}/{quote(file)}", None
+    assert svc.loras is not None
+    # the endpoint is part of the name: an operator who moves to a mirror gets the mirror's URLs
+    name = f"hf:{base}/{repo}@{REVISION}"
+    url = await asyncio.to_thread(svc.loras.url_for, name)
+    if url is not None:  # asked before: the hub may be down now, and the adapter is likely cached
+        return url, None
+    file = await _pick_file(svc, repo, field)
+    return f"{base}/{quote(repo)}/resolve/{REVISION}/{quote(file)}", name
 
 
 async def _pick_file(svc: Services, repo: str, field: str) -> str:

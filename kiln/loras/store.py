@@ -2,9 +2,10 @@
 
 ``<root>/<sha256>.safetensors`` holds each adapter once, however many URLs name it;
 ``<root>/by-url/<sha256 of the URL>`` remembers which adapter a URL delivered, so a URL is
-downloaded once (to change an adapter, publish it under a new URL). Files are written to a
-temporary name and renamed into place, so a reader never sees half a file, and several processes
-sharing a data directory (an API node and a worker on one machine) share the cache.
+downloaded once (to change an adapter, publish it under a new URL), and ``<root>/by-name/<sha256
+of the name>`` which URL a Hugging Face repo id resolved to, so it is looked up once. Files are
+written to a temporary name and renamed into place, so a reader never sees half a file, and several
+processes sharing a data directory (an API node and a worker on one machine) share the cache.
 
 The total size is kept under ``max_bytes`` by deleting the files used longest ago, except those
 used within ``keep_s`` (an adapter a queued job still needs); an adapter that was evicted before
@@ -65,6 +66,22 @@ class LoraStore:
         except (FileNotFoundError, UnicodeDecodeError):
             return None
         return sha if self.path(sha) is not None else None
+
+    def url_for(self, name: str) -> str | None:
+        """The download URL a name that is no URL (a Hugging Face repo id, ``hf:…``) resolved to before."""
+        try:
+            return (self.root / "by-name" / _url_key(name)).read_text(encoding="utf-8").strip() or None
+        except (FileNotFoundError, UnicodeDecodeError):
+            return None
+
+    def remember_url(self, name: str, url: str) -> None:
+        """Remember that ``name`` resolved to ``url``, so that naming it again needs no look-up (like a
+        URL, a name keeps what it first resolved to: publish a changed adapter under a new name)."""
+        index = self.root / "by-name" / _url_key(name)
+        index.parent.mkdir(exist_ok=True)
+        scratch = index.with_name(index.name + f".{os.getpid()}.{threading.get_ident()}")
+        scratch.write_text(url, encoding="utf-8")
+        os.replace(scratch, index)
 
     def add(self, temp: Path, sha256: str, *, url: str | None = None, field: str = "lora") -> str:
         """Check the downloaded file ``temp`` (whose bytes hash to ``sha256``) and move it into the
