@@ -6,7 +6,6 @@ import json
 import sys
 
 from kiln.catalog import Catalog, ModelSpec, load_catalog
-from kiln.engine import weights
 
 
 def add_parsers(sub) -> None:
@@ -19,6 +18,8 @@ def add_parsers(sub) -> None:
 
 
 def availability(spec: ModelSpec) -> str:
+    from kiln.engine import weights  # torch: imported by the commands that need it, not by every kiln command
+
     path = weights.locate(spec)
     if path is None:
         if spec.local_path is not None and not spec.toy:
@@ -66,6 +67,8 @@ def run_models(args) -> int:
 
 
 def run_pull(args) -> int:
+    from kiln.engine import weights
+
     catalog = load_catalog(args.catalog)
     spec = catalog.resolve_key(args.model)
     what = "building toy checkpoint" if spec.toy else f"downloading {spec.source}"
