@@ -29,6 +29,9 @@ def test_the_default_catalog_maps_the_references_names():
     assert (target.steps, target.guidance) == (28, 5.0)  # the v2 reference's defaults for flux-dev
     assert catalog.resolve_dialect("vyro", "flux-dev")[0].key == "flux/dev"
     assert catalog.resolve_dialect("vyro", "flux-mini")[0].key == catalog.default_model
+    for name, key in (("gpt-image-1", "flux/dev"), ("dall-e-3", "flux/dev"), ("dall-e-2", "flux/schnell"),
+                      ("gpt-image-1-mini", "flux/schnell")):
+        assert catalog.resolve_dialect("openai", name)[0].key == key
 
 
 def test_the_test_catalog_keeps_them(tmp_path):
@@ -49,7 +52,9 @@ def test_unknown_names_list_the_known_ones():
     ({"wavespeed": {"no-owner": "flux/dev"}}, "not a valid name"),
     ({"vyro": {"a/b": "flux/dev"}}, "not a valid name"),
     ({"vyro": {"x": {"model": "flux/dev", "colour": "red"}}}, "colour"),
-    ({"openai": {"x": "flux/dev"}}, "openai"),
+    ({"openai": {"flux/dev": "flux/dev"}}, "not a valid name"),  # a catalog name is taken as it is
+    ({"openai": {"dall-e-3": "wan/default"}}, "makes videos"),
+    ({"midjourney": {"x": "flux/dev"}}, "midjourney"),
 ])
 def test_bad_tables_stop_start_up(tables, message):
     with pytest.raises(CatalogError, match=message):

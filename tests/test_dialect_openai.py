@@ -105,11 +105,55 @@ def test_edit_without_and_with_a_mask(client):
 def test_models(client):
     ids = [m.id for m in client.models.list()]
     assert "flux/mini" in ids and "flux/dev" in ids and "wan/default" not in ids
+    # OpenAI's names from the catalog's [dialects.openai], after the catalog's own
+    assert {"gpt-image-1", "gpt-image-1-mini", "dall-e-2", "dall-e-3"} <= set(ids)
+    assert ids.index("flux/mini") < ids.index("gpt-image-1")
     model = client.models.retrieve("flux/mini")
     assert (model.id, model.object, model.owned_by) == ("flux/mini", "model", "kiln")
-    with pytest.raises(openai.NotFoundError) as info:
-        client.models.retrieve("wan/default")
-    assert info.value.body["code"] == "model_not_found"
+    assert client.models.retrieve("dall-e-3").id == "dall-e-3"
+    for missing in ("wan/default", "dall-e-4"):
+        with pytest.raises(openai.NotFoundError) as info:
+            client.models.retrieve(missing)
+        assert info.value.body["code"] == "model_not_found"
+
+
+class RecordingWorker(StalledWorker):
+    """Takes each sync request at once and fails it; keeps the requests it saw."""
+
+    def __init__(self) -> None:
+        self.requests = []
+
+    def submit_sync(self, request, **kwargs):
+        from kiln.errors import GenerationError
+        from kiln.worker import SyncTicket
+
+        self.requests.append(request)
+        ticket = SyncTicket(request)
+        ticket.started.set_result(None)
+        ticket.done.set_exception(GenerationError("recorded, not run"))
+        return ticket
+
+    def withdraw(self, ticket):
+        return False
+
+
+def test_openai_model_names_are_catalog_models(tmp_path, engine):
+    """A client written for OpenAI keeps its model name: the request is the catalog model's, to the bit."""
+    worker = RecordingWorker()
+    with running_server(tmp_path, engine, worker=worker) as srv:
+        client = client_for(srv)
+        for name, key in (("gpt-image-1", "flux/dev"), ("dall-e-3", "flux/dev"), ("dall-e-2", "flux/schnell"),
+                          ("gpt-image-1-mini", "flux/schnell")):
+            for model in (name, key):
+                with pytest.raises(openai.InternalServerError):
+                    client.images.generate(model=model, prompt=PROMPT, size="1024x1024", extra_body={"seed": 4})
+            by_name, by_key = worker.requests[-2:]
+            assert by_name == by_key and f"{by_name.family}/{by_name.model}" == key
+        with pytest.raises(openai.InternalServerError):
+            client.images.edit(image=("in.png", png(64, 64), "image/png"), prompt=PROMPT, model="dall-e-2",
+                               size="256x256")
+        edit = worker.requests[-1]
+        assert (edit.family, edit.model, edit.task, edit.width, edit.height) == ("flux", "schnell", "i2i", 256, 256)
 
 
 def test_a_size_that_is_no_format_comes_back_exactly_that_size(client):
@@ -124,6 +168,10 @@ def test_a_size_that_is_no_format_comes_back_exactly_that_size(client):
     ({"size": "255x512"}, "size", "unsupported_format"),
     ({"size": "big"}, "size", "unsupported_format"),
     ({"n": 5}, "n", "invalid_parameters"),
+    ({"n": "2"}, "n", "invalid_parameters"),  # JSON numbers are integers, as OpenAI's API takes them
+    ({"n": True}, "n", "invalid_parameters"),
+    ({"n": 2.0}, "n", "invalid_parameters"),
+    ({"extra_body": {"seed": "7"}}, "seed", "invalid_parameters"),
     ({"quality": "hd"}, "quality", "invalid_parameters"),
     ({"style": "vivid"}, "style", "invalid_parameters"),
     ({"output_compression": 50}, "output_compression", "invalid_parameters"),
@@ -144,10 +192,13 @@ def test_bad_requests_are_400_in_openai_shape(client, kwargs, param, code):
     assert body["message"] and "Traceback" not in body["message"]
 
 
-def test_unknown_model_is_404(client):
+@pytest.mark.parametrize("model", ["flux/nope", "dall-e-4"])
+def test_unknown_model_is_404(client, model):
     with pytest.raises(openai.NotFoundError) as info:
-        client.images.generate(model="flux/nope", prompt=PROMPT)
+        client.images.generate(model=model, prompt=PROMPT)
     assert (info.value.body["code"], info.value.body["param"]) == ("model_not_found", "model")
+    if "/" not in model:  # the names it could have sent
+        assert "gpt-image-1" in info.value.body["message"] and "flux/mini" in info.value.body["message"]
 
 
 def test_keys_credits_and_rate(server):
@@ -179,6 +230,9 @@ def test_prompt_filter_is_a_content_policy_violation(tmp_path, engine):
     ({"image": ("in.png", b"not an image", "image/png")}, {"prompt": PROMPT, "size": SMALL}, "image"),
     ({"image": ("in.png", png(64, 64), "image/png"), "mask": ("m.png", png(64, 64), "image/png")},
      {"prompt": PROMPT, "size": SMALL}, "mask"),
+    ({"image": ("in.png", png(64, 64), "image/png"), "mask": ("m.png", png(32, 32, (0, 0, 0, 0), "RGBA"), "image/png")},
+     {"prompt": PROMPT, "size": SMALL}, "mask"),  # not the image's size
+    ({"image": ("in.png", png(64, 64), "image/png")}, {"prompt": PROMPT, "n": "two"}, "n"),
     ({"image": ("in.png", png(64, 64), "image/png"), "extra": ("x.png", png(8, 8), "image/png")},
      {"prompt": PROMPT}, "extra"),
     ({"image": ("in.png", png(64, 64), "image/png")}, {"prompt": PROMPT, "colour": "red"}, "colour"),
@@ -229,3 +283,19 @@ def test_openapi_documents_every_door(server):
         assert f"/api/{version}/predictions/{{task_id}}/result" in doc["paths"]
     vyro = doc["paths"]["/v2/image/generations"]["post"]["requestBody"]["content"]["multipart/form-data"]["schema"]
     assert vyro["required"] == ["prompt", "style"]
+
+
+def test_an_edits_form_takes_its_numbers_as_text(client):
+    """Multipart fields are text: the official client sends ``n`` as ``"2"`` there, and it is read."""
+    result = client.images.edit(image=("in.png", png(64, 64), "image/png"), prompt=PROMPT, model="flux/mini",
+                                size=SMALL, n=2, response_format="b64_json", extra_body={"seed": 5})
+    assert len(result.data) == 2
+
+
+def test_a_mask_of_another_size_names_the_mask(client):
+    mask = png(32, 32, (0, 0, 0, 0), "RGBA")
+    with pytest.raises(openai.BadRequestError) as info:
+        client.images.edit(image=("in.png", png(64, 64), "image/png"), mask=("m.png", mask, "image/png"),
+                           prompt=PROMPT, model="flux/mini", size=SMALL)
+    body = info.value.body
+    assert (body["param"], body["code"]) == ("mask", "invalid_image") and "32x32" in body["message"], body

@@ -193,6 +193,7 @@ NAME_PART = r"[A-Za-z0-9][A-Za-z0-9_.-]*"
 DIALECT_NAMES: dict[str, str] = {
     "wavespeed": rf"^{NAME_PART}(/{NAME_PART})+$",  # owner/model[/variant], as in /api/v3/{owner}/{model…}
     "vyro": rf"^{NAME_PART}$",  # a style name
+    "openai": rf"^{NAME_PART}$",  # a model name (gpt-image-1, dall-e-3); never FAMILY/MODEL, which it also takes
 }
 
 
@@ -214,6 +215,7 @@ class Dialects(_Strict):
 
     wavespeed: dict[str, DialectTarget] = {}
     vyro: dict[str, DialectTarget] = {}
+    openai: dict[str, DialectTarget] = {}
 
     @model_validator(mode="after")
     def _names(self) -> Dialects:

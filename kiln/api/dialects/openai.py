@@ -1,17 +1,21 @@
 """The OpenAI Images door: ``POST /v1/images/generations``, ``POST /v1/images/edits``, ``GET /v1/models``.
 
-So that the official ``openai`` package works with ``base_url`` pointed at Kiln. ``model`` is a
-catalog name (``flux/mini``, ``flux/dev`` or an alias such as ``flux/fast``; the catalog's default
-model when left out); ``size`` is ``WIDTHxHEIGHT`` (one of the model's formats, or any size in its
-catalog ``sizes`` range: OpenAI's 1024x1024, 1536x1024, 1024x1536, 512x512 and 256x256 on FLUX) or ``auto``.
-Kiln extension: ``seed`` (through the client's ``extra_body``), output *i* is what seed + *i* gives.
+So that the official ``openai`` package works with ``base_url`` pointed at Kiln. ``model`` is one of
+OpenAI's names that the catalog's ``[dialects.openai]`` table maps to a catalog model
+(``gpt-image-1``, ``dall-e-3``, ... with the default catalog), or a catalog name (``flux/mini``,
+``flux/dev`` or an alias such as ``flux/fast``); left out, the catalog's default model. ``GET
+/v1/models`` lists both kinds. ``size`` is ``WIDTHxHEIGHT`` (one of the model's formats, or any size
+in its catalog ``sizes`` range: OpenAI's 1024x1024, 1536x1024, 1024x1536, 512x512 and 256x256 on
+FLUX) or ``auto``. Kiln extension: ``seed`` (through the client's ``extra_body``), output *i* is
+what seed + *i* gives. Numbers in a JSON body are JSON integers, as OpenAI's API takes them
+(``"n": "2"`` and ``"n": true`` are refused); a multipart edit's fields are text, read as numbers.
 
 Requests run on the sync tier, like the render API's sync routes. Controls Kiln does not have
 (``style``, ``output_compression``, a ``quality`` or ``background`` other than the default, ...)
 are refused with ``param`` naming them, never ignored. An edit's ``mask`` follows OpenAI: its fully
-transparent pixels mark what is regenerated. Every error is ``{"error": {message, type, param, code}}``;
-a prompt the operator's filter refuses and an output the safety classifier flags are both OpenAI's
-400 ``content_policy_violation``.
+transparent pixels mark what is regenerated, and it is the image's size. Every error is
+``{"error": {message, type, param, code}}``; a prompt the operator's filter refuses and an output
+the safety classifier flags are both OpenAI's 400 ``content_policy_violation``.
 """
 
 from __future__ import annotations
@@ -44,6 +48,7 @@ from kiln.api.jobs import absolute
 from kiln.api.services import Services
 from kiln.api.submit import run_now
 from kiln.catalog import ModelSpec
+from kiln.catalog.schema import DialectTarget
 from kiln.engine.request import (
     MAX_OUTPUTS,
     MAX_PROMPT_CHARS,
@@ -60,6 +65,8 @@ from kiln.errors import (
     UnknownModel,
     UnsupportedFormat,
 )
+
+NAME = "openai"
 
 router = APIRouter(tags=["openai"])
 
@@ -116,11 +123,12 @@ class _Common(BaseModel):
 
 
 class GenerationsBody(_Common):
-    pass
+    # JSON carries types: a number sent as a string or a boolean is refused, as OpenAI's API does
+    model_config = ConfigDict(extra="forbid", strict=True)
 
 
 class EditsForm(_Common):
-    pass
+    """A multipart form's fields are text: ``n`` and ``seed`` are read as numbers."""
 
 
 # --- routes ----------------------------------------------------------------------------------------
@@ -152,26 +160,27 @@ async def edits(request: Request) -> Response:
     if len(masks) > 1:
         raise InvalidParameters("send at most one mask", details={"param": "mask"})
     body = parse(EditsForm, fields)
-    mask = await run_in_threadpool(_mask_from_alpha, masks[0]) if masks else None
+    mask = await run_in_threadpool(_mask_from_alpha, masks[0], images[0]) if masks else None
     return await _generate(request, key, body, "edit" if mask else "i2i", images[0], mask)
 
 
 @router.get("/v1/models")
 @guarded(error_response)
 async def list_models(request: Request) -> Response:
+    """The catalog's image models, then OpenAI's names for them (``[dialects.openai]``)."""
     await authenticate(request)
-    svc = services(request)
-    return JSONResponse({"object": "list", "data": [_model(s) for s in svc.catalog if _listed(s)]})
+    return JSONResponse({"object": "list", "data": [_model(name) for name in _names(services(request))]})
 
 
 @router.get("/v1/models/{model_id:path}")
 @guarded(error_response)
 async def get_model(request: Request) -> Response:
     await authenticate(request)
-    spec = services(request).catalog.resolve_key(request.path_params["model_id"])
+    name = request.path_params["model_id"]
+    spec, _ = _resolve(services(request), name)
     if not _listed(spec):
         raise UnknownModel(f"{spec.key} makes {spec.modality}s, not images")
-    return JSONResponse(_model(spec))
+    return JSONResponse(_model(name if "/" not in name else spec.key))
 
 
 @router.api_route("/v1/{rest:path}", methods=["GET", "POST", "PUT", "PATCH", "DELETE"], include_in_schema=False)
@@ -185,11 +194,12 @@ async def unknown(request: Request) -> Response:
 
 async def _generate(request: Request, key, body: _Common, task: str, image: bytes | None, mask: bytes | None) -> Response:
     svc = services(request)
-    spec = _spec(svc, body.model)
+    spec, target = _spec(svc, body.model)
     encoding = body.output_format or "png"
     canonical = await checked(svc, GenerationRequest.create(
         family=spec.family, model=spec.model, task=task, **_size(svc, spec, body.size),
         prompt=body.prompt, seed=body.seed, image=image, mask=mask, num_outputs=body.n or 1, encoding=encoding,
+        steps=target.steps if target else None, guidance=target.guidance if target else None,
     ))
     stored = await run_now(request, canonical, key, label=f"{canonical.family}/{canonical.model}")
     if body.response_format == "b64_json":
@@ -201,11 +211,31 @@ async def _generate(request: Request, key, body: _Common, task: str, image: byte
                          "size": f"{result.width}x{result.height}"}, headers={"X-Seed": str(result.seed)})
 
 
-def _spec(svc: Services, model: str | None) -> ModelSpec:
-    spec = svc.catalog.resolve_key(model or svc.catalog.default_model)
+def _spec(svc: Services, model: str | None) -> tuple[ModelSpec, DialectTarget | None]:
+    spec, target = _resolve(svc, model or svc.catalog.default_model)
     if spec.modality != "image":
         raise InvalidParameters(f"{spec.key} makes {spec.modality}s; this API makes images", details={"param": "model"})
-    return spec
+    return spec, target
+
+
+def _resolve(svc: Services, name: str) -> tuple[ModelSpec, DialectTarget | None]:
+    """A catalog name (``FAMILY/MODEL``), or one of OpenAI's names through ``[dialects.openai]`` (with
+    the defaults the table gives it)."""
+    if "/" in name:
+        return svc.catalog.resolve_key(name), None
+    try:
+        return svc.catalog.resolve_dialect(NAME, name)
+    except UnknownModel:
+        names = _names(svc)
+        raise UnknownModel(f"unknown model {name[:130]!r}; this server offers: {', '.join(names)}",
+                           details={"param": "model", "models": names}) from None
+
+
+def _names(svc: Services) -> list[str]:
+    """What ``GET /v1/models`` lists: the catalog's image models, then OpenAI's names for them."""
+    catalog = svc.catalog
+    own = [spec.key for spec in catalog if _listed(spec)]
+    return own + [name for name, target in catalog.dialects.openai.items() if _listed(catalog.resolve_key(target.model))]
 
 
 def _size(svc: Services, spec: ModelSpec, size: str | None) -> dict[str, object]:
@@ -218,12 +248,17 @@ def _size(svc: Services, spec: ModelSpec, size: str | None) -> dict[str, object]
     return size_fields(svc, spec, int(width), int(height), "{w}x{h}")
 
 
-def _mask_from_alpha(data: bytes) -> bytes:
-    """OpenAI's mask (transparent where the image changes) as Kiln's (white where it changes)."""
+def _mask_from_alpha(data: bytes, image: bytes | None = None) -> bytes:
+    """OpenAI's mask (transparent where the image changes) as Kiln's (white where it changes); it must
+    be ``image``'s size (an image that cannot be read is left to the planner, which names it)."""
     try:
         with Image.open(io.BytesIO(data)) as img:
             if max(img.size) > MAX_MASK_SIDE:
                 raise InvalidImage(f"mask: at most {MAX_MASK_SIDE}x{MAX_MASK_SIDE}", details={"param": "mask"})
+            size = _size_of(image) if image is not None else None
+            if size is not None and img.size != size:
+                raise InvalidImage(f"mask: {img.width}x{img.height}, but the image is {size[0]}x{size[1]}; "
+                                   "send a mask of the image's size", details={"param": "mask"})
             if "A" not in img.getbands() and "transparency" not in img.info:
                 raise InvalidImage("mask: needs an alpha channel; its fully transparent pixels mark what to edit",
                                    details={"param": "mask"})
@@ -237,9 +272,18 @@ def _mask_from_alpha(data: bytes) -> bytes:
     return out.getvalue()
 
 
+def _size_of(data: bytes) -> tuple[int, int] | None:
+    """An image's size from its header (no pixels decoded), or None when it cannot be read."""
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            return img.size
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError):
+        return None
+
+
 def _listed(spec: ModelSpec) -> bool:
     return spec.modality == "image" and spec.status != "coming_soon"
 
 
-def _model(spec: ModelSpec) -> dict:
-    return {"id": spec.key, "object": "model", "created": 0, "owned_by": "kiln"}
+def _model(model_id: str) -> dict:
+    return {"id": model_id, "object": "model", "created": 0, "owned_by": "kiln"}
