@@ -10,12 +10,13 @@ import re
 import pytest
 from PIL import Image
 
-from api_helpers import Receiver, StalledWorker, running_server
+from api_helpers import FileServer, Receiver, StalledWorker, running_server
 from helpers import mask_png, png
 
 pytestmark = pytest.mark.slow
 
 MINI = "kiln/flux-mini"  # the catalog maps this path to flux/mini
+VERSIONS = ("v3", "v2")
 FAST = {"prompt": "a red circle on a blue background", "size": "512*512", "num_inference_steps": 4}
 ISO_MS = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z")
 
@@ -284,3 +285,59 @@ def test_webhook_gets_the_finished_task(tmp_path, engine):
             assert bad.status_code == 400 and "webhook" in bad.json()["message"]
     finally:
         receiver.close()
+
+
+@pytest.mark.parametrize(("path", "body", "message"), [
+    (MINI, {"num_inference_steps": 30}, "num_inference_steps must be between 4 and 24 for kiln/flux-mini, got 30"),
+    ("wavespeed-ai/flux-dev", {"num_inference_steps": 28, "guidance_scale": 6.0},
+     "guidance_scale must be between 2.0 and 5.0 for wavespeed-ai/flux-dev"),
+    ("wavespeed-ai/flux-schnell", {"num_inference_steps": 8}, "num_inference_steps is fixed at 4"),
+    ("wavespeed-ai/flux-schnell", {"num_inference_steps": 4, "guidance_scale": 2.0}, "guidance_scale is fixed at 3.5"),
+    (MINI, {"image": base64.b64encode(png(512, 512)).decode(), "mask_image": base64.b64encode(mask_png(64, 64)).decode()},
+     "mask_image is 64*64 but image is 512*512"),
+    (MINI, {"image": base64.b64encode(png(512, 512)).decode(), "mask_image": base64.b64encode(b"not an image").decode()},
+     "mask_image could not be read"),
+])
+def test_errors_name_this_apis_parameters(server, path, body, message):
+    """The catalog's ranges are the render API's, but the message names what this client sent."""
+    r = submit(server, path=path, **{**FAST, **body})
+    assert r.status_code == 400 and message in r.json()["message"], r.text
+    assert not re.search(r"\b(steps|guidance|mask)\b", r.json()["message"]), r.text  # the render API's names
+
+
+def test_a_schnell_lora_path_says_which_paths_take_loras(server):
+    r = submit(server, path="wavespeed-ai/flux-schnell-lora", **FAST, loras=[{"path": "kiln/pastel", "scale": 1}])
+    assert r.status_code == 400 and r.json()["data"] is None, r.text
+    message = r.json()["message"]
+    assert "wavespeed-ai/flux-schnell-lora runs flux/schnell on this server, which takes no LoRAs" in message
+    assert "distilled" in message and "wavespeed-ai/flux-dev-lora" in message and MINI in message
+
+
+@pytest.fixture(scope="module")
+def local(tmp_path_factory, engine):
+    """Fetches from 127.0.0.1 allowed, and a prompt filter."""
+    rules = tmp_path_factory.mktemp("rules") / "filter.txt"
+    rules.write_text("forbidden\n", encoding="utf-8")
+    with running_server(tmp_path_factory.mktemp("local"), engine, allow_private_fetch=True,
+                        prompt_filter_file=rules) as srv:
+        yield srv
+
+
+def test_a_filtered_prompt_is_403_in_the_envelope(local):
+    for version in VERSIONS:
+        r = submit(local, version=version, **{**FAST, "prompt": "a FORBIDDEN red circle"})
+        assert r.status_code == 403, r.text
+        assert r.json() == {"code": 403, "message": "the prompt was refused by this server's content policy",
+                            "data": None}
+
+
+def test_an_image_by_http_url(local):
+    files = FileServer({"/in.png": png(512, 512, (40, 40, 200))})
+    try:
+        r = submit(local, **FAST, image=f"{files.url}/in.png", strength=0.5, enable_sync_mode=True, seed=2)
+        assert r.status_code == 200 and r.json()["data"]["status"] == "completed", r.text
+        assert files.hits == {"/in.png": 1}
+        missing = submit(local, **FAST, image=f"{files.url}/missing.png", strength=0.5)
+        assert missing.status_code == 400 and "image" in missing.json()["message"], missing.text
+    finally:
+        files.close()

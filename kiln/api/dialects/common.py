@@ -9,12 +9,14 @@ function that maps Kiln's error vocabulary to its own (see :func:`guarded`).
 from __future__ import annotations
 
 import functools
+import io
 import json
 import logging
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
 from fastapi import Request, Response
+from PIL import Image, UnidentifiedImageError
 from pydantic import BaseModel, ValidationError
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import FormData, UploadFile
@@ -41,6 +43,7 @@ from kiln.worker import Stored
 log = logging.getLogger(__name__)
 
 Handler = Callable[[Request], Awaitable[Response]]
+EXIF_ORIENTATION = 0x0112
 
 
 def guarded(to_response: Callable[[KilnError], Response]) -> Callable[[Handler], Handler]:
@@ -155,6 +158,19 @@ async def image_input(svc: Services, value: str, field: str) -> bytes:
         value, policy=svc.fetch_policy, own_upload=lambda name: svc.store.read("u", name),
         public_url=svc.settings.base_url(), field=field,
     )
+
+
+def image_size_of(data: bytes) -> tuple[int, int] | None:
+    """An input image's (width, height) upright, as the planner will decode it (EXIF orientation
+    applied), from its header: no pixel decoded. None when it cannot be read (the planner then refuses
+    it, naming the field)."""
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            width, height = img.size
+            turned = img.getexif().get(EXIF_ORIENTATION) in (5, 6, 7, 8)  # a quarter turn either way
+            return (height, width) if turned else (width, height)
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError):
+        return None
 
 
 # --- sizes -----------------------------------------------------------------------------------------

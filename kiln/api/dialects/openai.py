@@ -38,6 +38,7 @@ from kiln.api.dialects.common import (
     documented_body,
     size_fields,
     guarded,
+    image_size_of,
     json_body,
     not_found,
     parse,
@@ -255,7 +256,7 @@ def _mask_from_alpha(data: bytes, image: bytes | None = None) -> bytes:
         with Image.open(io.BytesIO(data)) as img:
             if max(img.size) > MAX_MASK_SIDE:
                 raise InvalidImage(f"mask: at most {MAX_MASK_SIDE}x{MAX_MASK_SIDE}", details={"param": "mask"})
-            size = _size_of(image) if image is not None else None
+            size = image_size_of(image) if image is not None else None
             if size is not None and img.size != size:
                 raise InvalidImage(f"mask: {img.width}x{img.height}, but the image is {size[0]}x{size[1]}; "
                                    "send a mask of the image's size", details={"param": "mask"})
@@ -270,15 +271,6 @@ def _mask_from_alpha(data: bytes, image: bytes | None = None) -> bytes:
     out = io.BytesIO()
     alpha.point(lambda a: 255 if a == 0 else 0).save(out, "PNG")
     return out.getvalue()
-
-
-def _size_of(data: bytes) -> tuple[int, int] | None:
-    """An image's size from its header (no pixels decoded), or None when it cannot be read."""
-    try:
-        with Image.open(io.BytesIO(data)) as img:
-            return img.size
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError):
-        return None
 
 
 def _listed(spec: ModelSpec) -> bool:

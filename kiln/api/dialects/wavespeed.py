@@ -39,6 +39,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import math
 import re
 import time
 from datetime import UTC, datetime
@@ -55,6 +56,7 @@ from kiln.api.dialects.common import (
     documented_body,
     guarded,
     image_input,
+    image_size_of,
     json_body,
     not_found,
     output_names,
@@ -67,7 +69,7 @@ from kiln.api.loras import resolve_loras
 from kiln.api.services import Services
 from kiln.api.submit import queue_job
 from kiln.api.webhooks import checked_webhook
-from kiln.engine.plan import check_lora_support
+from kiln.catalog import ModelSpec
 from kiln.engine.request import MAX_PROMPT_CHARS, MAX_SEED, GenerationRequest
 from kiln.errors import InvalidImage, InvalidParameters, KilnError
 from kiln.keys import KeyRecord
@@ -244,18 +246,23 @@ async def _submit(request: Request, version: str) -> Response:
         raise InvalidParameters("mask_image needs an image to edit", details={"param": "mask_image"})
     if image is not None and body.strength == 0:
         raise InvalidParameters("strength 0 would leave the image unchanged; send more than 0", details={"param": "strength"})
-    canonical = await checked(svc, GenerationRequest.create(
-        family=spec.family, model=spec.model, task="edit" if mask else "i2i" if image else "t2i",
-        **_size(svc, spec, body.size, version), prompt=body.prompt,
-        steps=body.num_inference_steps if body.num_inference_steps is not None else target.steps,
-        guidance=body.guidance_scale if body.guidance_scale is not None else target.guidance,
-        seed=None if body.seed == -1 else body.seed, strength=body.strength if image else None,
-        image=image, mask=mask, num_outputs=body.num_images, encoding=body.output_format,
-        safety_check="withhold" if _safety_on(svc, body) else "off",
-    ))
+    _check_mask_size(image, mask)
+    _check_steps_and_guidance(spec, path, body)
+    try:
+        canonical = await checked(svc, GenerationRequest.create(
+            family=spec.family, model=spec.model, task="edit" if mask else "i2i" if image else "t2i",
+            **_size(svc, spec, body.size, version), prompt=body.prompt,
+            steps=body.num_inference_steps if body.num_inference_steps is not None else target.steps,
+            guidance=body.guidance_scale if body.guidance_scale is not None else target.guidance,
+            seed=None if body.seed == -1 else body.seed, strength=body.strength if image else None,
+            image=image, mask=mask, num_outputs=body.num_images, encoding=body.output_format,
+            safety_check="withhold" if _safety_on(svc, body) else "off",
+        ))
+    except InvalidImage as exc:
+        raise _named_here(exc) from exc
     if body.loras:
         # every other check passed first, so nothing is downloaded for a task that would fail anyway
-        check_lora_support(spec, svc.catalog, field="loras")
+        _check_takes_loras(svc, spec, path)
         refs = await resolve_loras(svc, [(lora.path, lora.scale) for lora in body.loras], field="loras", repo_ids=True)
         canonical = canonical.model_copy(update={"loras": refs})
     bucket = None if key is None else f"{NAME}:{key.id}"
@@ -299,6 +306,61 @@ async def _image(svc: Services, value: str | None, field: str) -> bytes | None:
     if len(data) > svc.settings.max_upload_bytes:
         raise InvalidImage(f"{field}: larger than {svc.settings.max_upload_bytes // 2**20} MB", details={"param": field})
     return data
+
+
+# --- the catalog's rules in this API's names ---------------------------------------------------------
+# The planner checks them all again (in the render API's names: steps, guidance, mask); the door
+# checks the ones it names differently first, so that its client reads the parameter it sent.
+
+
+def _check_steps_and_guidance(spec: ModelSpec, path: str, body: _Submit) -> None:
+    steps, rng = body.num_inference_steps, spec.steps
+    if steps is not None and rng.fixed and steps != rng.min:
+        raise InvalidParameters(f"num_inference_steps is fixed at {rng.min} for {path}; leave it out or send {rng.min}",
+                                details={"param": "num_inference_steps", "min": rng.min, "max": rng.max})
+    if steps is not None and not rng.min <= steps <= rng.max:
+        raise InvalidParameters(f"num_inference_steps must be between {rng.min} and {rng.max} for {path}, got {steps}",
+                                details={"param": "num_inference_steps", "min": rng.min, "max": rng.max})
+    scale, g = body.guidance_scale, spec.guidance
+    if scale is None or g.mode == "ignored":  # a model without guidance runs as it always does
+        return
+    if g.mode == "fixed" and not math.isclose(scale, g.value, abs_tol=1e-6):
+        raise InvalidParameters(f"guidance_scale is fixed at {g.value} for {path}; leave it out or send {g.value}",
+                                details={"param": "guidance_scale"})
+    if g.mode == "range" and not g.min <= scale <= g.max:  # type: ignore[operator]
+        raise InvalidParameters(f"guidance_scale must be between {g.min} and {g.max} for {path}, got {scale}",
+                                details={"param": "guidance_scale", "min": g.min, "max": g.max})
+
+
+def _check_mask_size(image: bytes | None, mask: bytes | None) -> None:
+    if image is None or mask is None:
+        return
+    image_size, mask_size = image_size_of(image), image_size_of(mask)
+    if image_size is not None and mask_size is not None and image_size != mask_size:
+        raise InvalidImage(f"mask_image is {mask_size[0]}*{mask_size[1]} but image is {image_size[0]}*{image_size[1]}; "
+                           "they must be the same size", details={"param": "mask_image"})
+
+
+def _named_here(exc: InvalidImage) -> InvalidImage:
+    """An input the planner could not read, named as this API names it (``mask`` is ``mask_image``)."""
+    if exc.details.get("field") != "mask":
+        return exc
+    message = exc.message.replace("the mask", "mask_image", 1)
+    return InvalidImage(message, details={**exc.details, "field": "mask_image", "param": "mask_image"})
+
+
+def _check_takes_loras(svc: Services, spec: ModelSpec, path: str) -> None:
+    """Refuse LoRAs for a path whose model takes none, saying why and which paths here take them."""
+    if spec.lora:
+        return
+    takers = [p for p, t in svc.catalog.dialects.wavespeed.items()
+              if (m := svc.catalog.resolve_key(t.model)).lora and m.status != "coming_soon"]
+    why = spec.lora_refusal or "its catalog entry says it takes none"
+    raise InvalidParameters(
+        f"{path} runs {spec.key} on this server, which takes no LoRAs: {why}. "
+        f"Send loras to {', '.join(takers) or 'no model on this server'} instead",
+        details={"param": "loras", "paths": takers},
+    )
 
 
 def _safety_on(svc: Services, body: _Submit) -> bool:
