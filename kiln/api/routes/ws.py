@@ -3,7 +3,9 @@
 Client messages: ``{"type": "auth", "token"}`` (first, unless the upgrade carried an
 ``Authorization`` header), ``{"type": "generate", "id"?, "modality", "family", "model", "task",
 "format", "stream_frames"?, …generation parameters}`` (several may run on one connection; each
-reply carries the generation's ``id``), ``{"type": "cancel", "id"}``.
+reply carries the generation's ``id``), ``{"type": "cancel", "id"}``. A generate message takes what
+``POST /queue`` takes except ``priority``, ``webhook`` and ``idempotency_key`` (it runs now and
+answers on the connection); those are refused with an error frame, never ignored.
 Server messages: ``frame`` {id, step, total_steps, data: base64 WebP preview}, ``complete``
 {id, output, latency_ms, seed}, ``error`` {id?, error, message}.
 """
@@ -20,20 +22,34 @@ import time
 from typing import Any
 
 from fastapi import APIRouter, WebSocket, WebSocketDisconnect
-from pydantic import ValidationError
+from pydantic import ValidationError, create_model
 
 from kiln.api.auth import authenticate_token, refund_credit
 from kiln.api.errors import ApiError
 from kiln.api.handoff import run_sync
 from kiln.api.jobs import absolute
 from kiln.api.requests import build_request
-from kiln.api.schemas import QueueBody
+from kiln.api.schemas import GenerateBody, QueueBody
 from kiln.engine.request import describe_validation_error
-from kiln.errors import KilnError
+from kiln.errors import InvalidParameters, KilnError
 
 router = APIRouter()
 
 WS_PROTOCOL_ERROR = 1008
+
+# What only a queued job has: a WebSocket generation runs at once (no priority), answers on its
+# connection (no webhook), and a repeat is a new generation (no idempotency key).
+QUEUE_ONLY = ("priority", "webhook", "idempotency_key")
+
+# A generate message's fields: the queue body's, less QUEUE_ONLY (unknown keys are refused by the
+# render API's body model; the bounds stay declared once, on QueueBody).
+GenerateMessage = create_model(
+    "GenerateMessage",
+    __base__=GenerateBody,
+    __doc__="The generation fields of a WebSocket ``generate`` message.",
+    **{name: (field.annotation, field) for name, field in QueueBody.model_fields.items()
+       if name not in GenerateBody.model_fields and name not in QUEUE_ONLY},
+)
 
 
 @router.websocket("/ws")
@@ -149,7 +165,14 @@ async def _generate(ws, svc, key, gen_id, message, cancel, send, running) -> Non
     started = time.perf_counter()
     charged = False
     try:
-        body = QueueBody.model_validate({**fields, "priority": "normal"})
+        queue_only = [name for name in QUEUE_ONLY if name in fields]
+        if queue_only:
+            raise InvalidParameters(
+                f"{', '.join(queue_only)}: only POST /queue takes {'them' if len(queue_only) > 1 else 'it'}; "
+                "a WebSocket generation runs at once and answers on this connection",
+                details={"field": queue_only[0]},
+            )
+        body = GenerateMessage.model_validate(fields)
         spec = svc.catalog.resolve(body.family, body.model)
         if spec.modality != body.modality:
             raise ApiError(400, "invalid_parameters", f"{spec.key} makes {spec.modality}s")
