@@ -84,7 +84,7 @@ def build_runtime(
 ) -> Runtime:
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     catalog = engine.catalog if engine is not None else load_catalog(settings.catalog)
-    engine = engine or Engine(catalog)
+    engine = engine or Engine(catalog, optimize=settings.optimize, compile_cache_dir=settings.compile_cache)
     # loaded first, so a bad safety_checker stops start-up (before any file is opened), never a request
     safety = None
     if worker is None and settings.safety_checker and settings.local_worker:

@@ -14,6 +14,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
 
+from kiln.catalog.schema import Optimizations
 from kiln.errors import KilnError
 
 ENV_PREFIX = "KILN_"
@@ -81,6 +82,26 @@ class Settings(BaseModel):
     shutdown_grace_s: float = Field(default=30.0, ge=0.0, le=3600.0,
                                     description="`kiln worker`: on SIGTERM, how long the job in hand may take to "
                                                 "finish before it is handed back to the queue")
+    optimize: Optimizations | None = Field(
+        default=None, description="speed switches for every model, over the catalog's: a table in the settings "
+                                  "file, or NAME=VALUE,... (KILN_OPTIMIZE=compile=off,fuse_qkv=false)")
+    compile_cache_dir: Path | None = Field(default=None, description="torch.compile's on-disk cache, so that a "
+                                                                     "restart does not compile again (default: "
+                                                                     "data_dir/compile-cache)")
+
+    @field_validator("optimize", mode="before")
+    @classmethod
+    def _optimize_pairs(cls, value: object) -> object:
+        """``compile=off,text_cache=0`` (from the environment or a flag) as a table."""
+        if not isinstance(value, str):
+            return value
+        table: dict[str, str] = {}
+        for pair in filter(None, (p.strip() for p in value.split(","))):
+            name, sep, setting = pair.partition("=")
+            if not sep or not name.strip():
+                raise ValueError(f"expected NAME=VALUE pairs separated by commas, got {pair!r}")
+            table[name.strip()] = setting.strip()
+        return table
 
     @field_validator("hf_endpoint")
     @classmethod
@@ -160,6 +181,10 @@ class Settings(BaseModel):
     def loras_dir(self) -> Path:
         return self.data_dir / "loras"
 
+    @property
+    def compile_cache(self) -> Path:
+        return self.compile_cache_dir or self.data_dir / "compile-cache"
+
     def base_url(self) -> str:
         """Where clients reach this server: ``public_url``, else the bound address (a wildcard bind
         hands out loopback URLs; set ``public_url`` when serving other machines)."""
@@ -204,5 +229,6 @@ def load_settings(
         field = str(err["loc"][0]) if err["loc"] else "settings"
         where = sources.get(field, field)
         if err["type"] == "extra_forbidden":
-            raise SettingsError(f"{where}: unknown setting {field!r}") from exc
+            name = ".".join(str(part) for part in err["loc"])  # optimize.speed: a switch inside a table
+            raise SettingsError(f"{where}: unknown setting {name!r}") from exc
         raise SettingsError(f"{where}: {err['msg']}") from exc

@@ -117,6 +117,39 @@ class VideoSpec(_Strict):
     duration: Range
 
 
+CompileChoice = Literal["off", "regional", "whole"]
+AttentionChoice = Literal["auto", "native", "cudnn", "flash", "efficient", "math"]
+
+
+class Optimizations(_Strict):
+    """Speed switches for one model (``optimize = {...}`` in the catalog; the settings' ``optimize``
+    overrides them for every model). ``None`` leaves a switch at the engine's default for the device:
+    the lossless ones on where the device supports them (most only on CUDA), lossy ones off. What each
+    does, and when it is skipped, is :mod:`kiln.engine.optimize`'s docstring."""
+
+    compile: CompileChoice | None = Field(
+        default=None, description="torch.compile the transformer: regional (its repeated blocks), whole, or off")
+    compile_backend: str | None = Field(default=None, min_length=1, max_length=64,
+                                        description="torch.compile backend (default inductor)")
+    cuda_graphs: bool | None = Field(default=None, description="replay each compiled shape as a CUDA graph "
+                                                                "(needs compile = whole)")
+    autotune: bool | None = Field(default=None, description="inductor max-autotune: slower compiles, faster kernels")
+    fuse_qkv: bool | None = Field(default=None, description="one projection for Q, K and V (not with LoRAs)")
+    channels_last_vae: bool | None = None
+    attention: AttentionChoice | None = Field(default=None, description="scaled-dot-product attention kernel")
+    text_cache: int | None = Field(default=None, ge=0, le=100_000,
+                                   description="text-encoder outputs kept for repeated prompts (0: off)")
+    text_cache_mb: int | None = Field(default=None, ge=1, le=1_000_000, description="their memory bound")
+    fp8: bool | None = Field(default=None, description="offer precision fp8 (lossy: torchao float8 dynamic "
+                                                       "activations and weights, rowwise) where the card can")
+    max_batch: int | None = Field(default=None, ge=1, le=16,
+                                  description="compatible waiting requests run as one batch of up to this many")
+
+    def over(self, base: Optimizations) -> Optimizations:
+        """These switches where set, ``base``'s elsewhere."""
+        return base.model_copy(update=self.model_dump(exclude_none=True))
+
+
 class ModelSpec(_Strict):
     family: str = Field(pattern=r"^[a-z0-9][a-z0-9_-]*$")
     model: str = Field(pattern=r"^[a-z0-9][a-z0-9_.-]*$")
@@ -148,6 +181,7 @@ class ModelSpec(_Strict):
     status: Status = "active"
     random_weights: bool = False
     toy: str | None = Field(default=None, description="toy checkpoint kiln.testing.toys builds at `source`")
+    optimize: Optimizations = Field(default_factory=Optimizations, description="speed switches (kiln.engine.optimize)")
     info: dict[str, Any] = {}
     # Set by the loader: the catalog file's directory, against which a relative source resolves.
     base_dir: Path | None = None

@@ -64,7 +64,7 @@ def run(args) -> int:
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     _build_default_toy(settings)
     catalog = load_catalog(settings.catalog)
-    engine = Engine(catalog)
+    engine = Engine(catalog, optimize=settings.optimize, compile_cache_dir=settings.compile_cache)
     safety = None
     if settings.safety_checker:  # before anything connects: a bad classifier stops start-up
         safety = load_safety_checker(settings.safety_checker, device=engine.device)

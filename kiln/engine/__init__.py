@@ -1,11 +1,13 @@
 """The bottom layer: diffusers pipelines behind one typed request. Knows nothing of HTTP or jobs."""
 
-from kiln.engine.engine import Engine, GenerationResult, LoadedModel, StepEvent
+from kiln.engine.batch import BatchItem, batch_key, compatible
+from kiln.engine.engine import Engine, GenerationResult, LoadedModel, StepEvent, WarmUpRun
 from kiln.engine.outputs import ImageOutput, Output, VideoOutput
 from kiln.engine.plan import Plan, plan_request
 from kiln.engine.request import GenerationRequest
 
 __all__ = [
+    "BatchItem",
     "Engine",
     "GenerationRequest",
     "GenerationResult",
@@ -15,5 +17,8 @@ __all__ = [
     "Plan",
     "StepEvent",
     "VideoOutput",
+    "WarmUpRun",
+    "batch_key",
+    "compatible",
     "plan_request",
 ]

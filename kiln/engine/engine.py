@@ -1,38 +1,50 @@
 """The engine: one canonical request in, pictures or a video out.
 
 It knows nothing of HTTP, jobs or storage. It loads each model once (``from_pretrained`` for the
-first task's pipeline, ``from_pipe`` for the others, so weights are shared), runs one request at a
-time per model (diffusers pipelines and schedulers keep per-call state), reports every step, and
-stops between steps when asked to.
+first task's pipeline, ``from_pipe`` for the others, so weights are shared), optimizes it
+(:mod:`kiln.engine.optimize`: the catalog's and the settings' switches), warms it up on request
+(:meth:`Engine.warm_up`), runs one pipeline call at a time per model (diffusers pipelines and
+schedulers keep per-call state) — one request, or a batch of compatible ones on purpose
+(:meth:`Engine.generate_batch`) — reports every step, and stops between steps when asked to.
 """
 
 from __future__ import annotations
 
 import functools
-import inspect
 import logging
 import threading
 import time
-import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Any
 
 import torch
 from PIL import Image
 
 from kiln.catalog import Catalog, ModelSpec
+from kiln.catalog.schema import Optimizations
+from kiln.engine import optimize as optimize_module
 from kiln.engine import weights
-from kiln.engine.families import Adapter, adapter_for
-from kiln.engine.lora import LoraFiles, LoraSlots
+from kiln.engine.batch import AllSet, BatchItem, batch_key
+from kiln.engine.families import adapter_for
 from kiln.engine.families.base import crop_centre
+from kiln.engine.loaded import LoadedModel, fp8_pipelines, load_pipelines, optimize_model
+from kiln.engine.lora import LoraFiles
 from kiln.engine.outputs import ImageOutput, Output, VideoOutput
 from kiln.engine.plan import Plan, plan_request
-from kiln.engine.previews import LatentPreviewer
 from kiln.engine.refine import render
-from kiln.engine.request import GenerationRequest
-from kiln.engine.samplers import make_scheduler, step_completed, total_steps
-from kiln.errors import GenerationCancelled, GenerationError, KilnError, ModelLoadFailed, OutOfMemory
+from kiln.engine.request import MAX_OUTPUTS, GenerationRequest
+from kiln.engine.samplers import step_completed, total_steps
+from kiln.errors import (
+    GenerationCancelled,
+    GenerationError,
+    InvalidParameters,
+    KilnError,
+    ModelLoadFailed,
+    OutOfMemory,
+    UserError,
+)
 
 log = logging.getLogger(__name__)
 
@@ -73,37 +85,15 @@ class GenerationResult:
 OnStep = Callable[[StepEvent], None]
 
 
-class LoadedModel:
-    """A model's pipelines (one per task, sharing weights) and the lock that serialises them."""
+@dataclass(frozen=True)
+class WarmUpRun:
+    """One shape run by :meth:`Engine.warm_up` and how long it took (compiling included)."""
 
-    def __init__(self, spec: ModelSpec, adapter: Adapter, pipelines: dict[str, Any]) -> None:
-        self.spec = spec
-        self.adapter = adapter
-        self.pipelines = pipelines
-        self.lock = threading.Lock()
-        self.loras = LoraSlots(spec.key)  # adapters loaded into the shared transformer
-        base = next(iter(pipelines.values()))
-        self._scheduler_class = type(base.scheduler)
-        self._scheduler_config = dict(base.scheduler.config)
-        self._previewer: LatentPreviewer | None = None
-
-    @property
-    def scheduler_config(self) -> dict[str, Any]:
-        """The checkpoint's scheduler settings, which every call's fresh scheduler starts from."""
-        return dict(self._scheduler_config)
-
-    def new_scheduler(self, plan: Plan, **config: Any) -> Any:
-        """A fresh scheduler for one call: schedulers keep state, so no two calls share one.
-        ``config`` overrides checkpoint settings for this call (a refinement pass's shift)."""
-        base = {**self._scheduler_config, **config}
-        if plan.sampler is None:
-            return self._scheduler_class.from_config(base)
-        return make_scheduler(base, plan.sampler, plan.scheduler or "simple", seeds=plan.seeds)
-
-    def previewer(self, pipe: Any) -> LatentPreviewer:
-        if self._previewer is None:
-            self._previewer = LatentPreviewer.fit(self.adapter, pipe)
-        return self._previewer
+    format: str
+    precision: str
+    batch: int
+    seconds: float
+    result: GenerationResult
 
 
 class Engine:
@@ -111,17 +101,57 @@ class Engine:
 
     Thread-safe: requests for different models may run at once; requests for one model queue on
     its lock. ``device`` defaults to CUDA when present (weights in the catalog's dtype), else the
-    CPU in float32.
+    CPU in float32. ``optimize`` overrides every model's catalog switches (the settings' ``optimize``);
+    ``compile_cache_dir`` is where torch.compile keeps what it compiled across restarts.
     """
 
-    def __init__(self, catalog: Catalog, *, device: str | None = None) -> None:
+    def __init__(
+        self,
+        catalog: Catalog,
+        *,
+        device: str | None = None,
+        optimize: Optimizations | None = None,
+        compile_cache_dir: Path | None = None,
+    ) -> None:
         self.catalog = catalog
         for spec in catalog:
             adapter_for(spec)  # an entry naming pipelines no adapter knows is a start-up error
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.overrides = optimize
+        self.compile_cache_dir = compile_cache_dir
+        # How the fp8 precision's transformer is quantized (torchao float8, rowwise); a test seam.
+        self.quantize_fp8: optimize_module.Quantizer = optimize_module.quantize_fp8
         self._models: dict[str, LoadedModel] = {}
         self._load_locks: dict[str, threading.Lock] = {}
         self._guard = threading.Lock()
+
+    # --- switches --------------------------------------------------------------------------------
+
+    def switches(self, spec: ModelSpec) -> Optimizations:
+        """``spec``'s optimisation switches with the engine's overrides on top (None: the default)."""
+        return self.overrides.over(spec.optimize) if self.overrides is not None else spec.optimize
+
+    def fp8_unavailable(self) -> str | None:
+        """Why this engine's device cannot run precision fp8, or None."""
+        device = self.device
+        return optimize_module.fp8_unavailable(
+            device, optimize_module.cuda_capability(device), optimize_module.torchao_available()
+        )
+
+    def precisions(self, spec: ModelSpec) -> list[str]:
+        """The precisions requests for ``spec`` may name here, the default first (for ``/models``)."""
+        if self.switches(spec).fp8 and self.fp8_unavailable() is None:
+            return ["native", "fp8"]
+        return ["native"]
+
+    def max_batch(self, spec: ModelSpec) -> int:
+        """How many compatible requests for ``spec`` the worker may hand :meth:`generate_batch` at once."""
+        return self.switches(spec).max_batch or 1
+
+    def optimizations(self, key: str) -> optimize_module.Report | None:
+        """What each switch did for the loaded model ``key`` (None: not loaded)."""
+        loaded = self._models.get(key)
+        return loaded.report if loaded is not None else None
 
     # --- models ----------------------------------------------------------------------------------
 
@@ -162,40 +192,51 @@ class Engine:
         transformers.utils.logging.disable_progress_bar()
         adapter = adapter_for(spec)
         started = time.perf_counter()
-        pipelines: dict[str, Any] = {}
+        dtype = self.dtype_for(spec)
         try:
-            base = None
-            for task, class_name in spec.pipelines.items():
-                cls = getattr(diffusers, class_name)
-                if base is None:
-                    with warnings.catch_warnings():
-                        # diffusers 0.42 renames torch_dtype to dtype; older releases know only torch_dtype
-                        warnings.filterwarnings("ignore", message=".*torch_dtype.*", category=FutureWarning)
-                        base = cls.from_pretrained(path, torch_dtype=self.dtype_for(spec))
-                    if self.device.type != "cpu":
-                        base = base.to(self.device)
-                    pipe = base
-                elif type(base) is cls:
-                    pipe = base
-                else:
-                    # Hand the components over by name: from_pipe silently drops any whose class is not
-                    # the one its signature names (flux/mini's AutoencoderTiny VAE) and then fails.
-                    wanted = inspect.signature(cls.__init__).parameters
-                    pipe = cls.from_pipe(base, **{k: v for k, v in base.components.items() if k in wanted and v is not None})
-                pipe.set_progress_bar_config(disable=True)
-                pipelines[task] = pipe
+            pipelines = load_pipelines(spec, path, dtype, self.device)
         except (OSError, ValueError, TypeError, KeyError, RuntimeError, AttributeError) as exc:
             # The details (paths, library messages) go to the operator's log, not to API clients.
             log.exception("%s could not be loaded from %s", spec.key, path)
             raise ModelLoadFailed(f"{spec.key} could not be loaded ({type(exc).__name__}); see the server log") from exc
-        log.info("loaded %s from %s in %.1fs", spec.key, path, time.perf_counter() - started)
-        return LoadedModel(spec, adapter, pipelines)
+        loaded_s = time.perf_counter() - started
+        switches = self.switches(spec)
+        fp8_reason = self.fp8_unavailable() if switches.fp8 else None
+        report, text_cache = optimize_model(
+            spec, adapter, pipelines, switches, device=self.device, dtype=dtype,
+            compile_cache=self.compile_cache_dir, fp8_reason=fp8_reason,
+        )
+        loaded = LoadedModel(spec, adapter, pipelines, report=report, text_cache=text_cache)
+        if switches.fp8 and fp8_reason is None:
+            loaded.offer("fp8", functools.partial(
+                fp8_pipelines, loaded, path, switches, device=self.device, dtype=dtype,
+                compile_cache=self.compile_cache_dir, quantize=self.quantize_fp8,
+            ))
+        log.info("loaded %s from %s in %.1fs; optimizations: %s", spec.key, path, loaded_s, report.summary())
+        return loaded
 
     # --- generation ------------------------------------------------------------------------------
 
     def plan(self, request: GenerationRequest) -> Plan:
-        """Validate ``request`` against the catalog without touching a model."""
-        return plan_request(request, self.catalog)
+        """Validate ``request`` against the catalog and this engine's device without touching a model."""
+        plan = plan_request(request, self.catalog)
+        if plan.precision != "native" and plan.precision not in self.precisions(plan.spec):
+            raise self._precision_refused(plan)
+        return plan
+
+    def _precision_refused(self, plan: Plan) -> InvalidParameters:
+        details = {"field": "precision", "precisions": self.precisions(plan.spec)}
+        if not self.switches(plan.spec).fp8:
+            offering = [m.key for m in self.catalog if self.switches(m).fp8 and m.status != "coming_soon"]
+            return InvalidParameters(
+                f"{plan.spec.key} does not offer precision {plan.precision}; leave precision out"
+                + (f", or use a model that does: {', '.join(offering)}" if offering else ""),
+                details=details,
+            )
+        return InvalidParameters(
+            f"precision {plan.precision} is not available on this server: {self.fp8_unavailable()}; "
+            "leave precision out", details=details,
+        )
 
     def generate(
         self,
@@ -225,7 +266,8 @@ class Engine:
             extra = plan.refinement.steps(plan.steps, plan.num_outputs) if plan.refinement is not None else 0
             progress = _Progress(loaded, plan, on_step, cancel, previews, runs=len(parts), extra=extra)
             run = functools.partial(self._run, loaded, progress=progress)
-            pictures = render(plan, parts, run, loaded, functools.partial(_check_cancel, cancel))
+            with loaded.text_scope(plan.loras):
+                pictures = render(plan, parts, run, loaded, functools.partial(_check_cancel, cancel))
             elapsed_ms = round((time.perf_counter() - started) * 1000)
         finally:
             loaded.lock.release()
@@ -233,24 +275,30 @@ class Engine:
 
     def _run(
         self, loaded: LoadedModel, plan: Plan, progress: _Progress, scheduler_config: dict[str, Any] | None = None,
-        **overrides: Any,
+        batch: Sequence[Plan] | None = None, **overrides: Any,
     ) -> Any:
         """One pipeline call for ``plan`` (the base generation or one refinement pass); ``overrides``
         are pipeline arguments set last (a refinement's ``output_type`` or latent ``image``),
-        ``scheduler_config`` overrides the checkpoint's scheduler settings for this call."""
-        pipe = loaded.pipelines[plan.task]
+        ``scheduler_config`` overrides the checkpoint's scheduler settings for this call. With
+        ``batch`` (compatible plans, ``plan`` the first) the call makes every output of every plan:
+        one prompt per output, each with the generator of its own seed."""
+        pipe = loaded.pipelines_for(plan.precision)[plan.task]
         progress.plan = plan  # previews unpack latents at this call's size
-        pipe.scheduler = loaded.new_scheduler(plan, **(scheduler_config or {}))
+        seeds = plan.seeds if batch is None else [seed for p in batch for seed in p.seeds]
+        pipe.scheduler = loaded.new_scheduler(plan, seeds=seeds, **(scheduler_config or {}))
         adapter = loaded.adapter
         kwargs = adapter.call_kwargs(plan, pipe)
         kwargs.update(
             num_inference_steps=plan.steps,
             guidance_scale=plan.guidance,
-            generator=[torch.Generator("cpu").manual_seed(s) for s in plan.seeds],
+            generator=[torch.Generator("cpu").manual_seed(s) for s in seeds],
             callback_on_step_end=progress,
             callback_on_step_end_tensor_inputs=["latents"],
         )
         kwargs[adapter.count_argument] = plan.num_outputs
+        if batch is not None:
+            adapter.batch_prompts(kwargs, batch)
+            kwargs[adapter.count_argument] = 1
         kwargs.update(overrides)
         try:
             with torch.inference_mode():
@@ -262,6 +310,137 @@ class Engine:
         except Exception as exc:
             log.exception("generation failed for %s %s", plan.spec.key, plan.task)
             raise GenerationError(f"{plan.spec.key} {plan.task} failed: {type(exc).__name__}") from exc
+
+    # --- warm-up ---------------------------------------------------------------------------------
+
+    def warm_up(
+        self,
+        spec: ModelSpec,
+        *,
+        formats: Sequence[str] | None = None,
+        precisions: Sequence[str] | None = None,
+        batch_sizes: Sequence[int] = (1,),
+    ) -> list[WarmUpRun]:
+        """Load ``spec`` and run each shape it will serve once, so the first real request pays no
+        compiling, kernel selection or lazy initialisation.
+
+        ``formats`` default: every format of the model when its transformer is compiled (with
+        ``dynamic=False`` each size is a graph of its own; the first one also compiles the others'
+        shared parts), else only the smallest (one run does the lazy work). ``precisions`` default:
+        every precision offered (fp8 builds its quantized transformer here). ``batch_sizes``: the
+        outputs per call to compile for (the worker's batches; 1 is a single request). Each run is a
+        text-to-image (or text-to-video) generation at the model's fewest steps, seed 0. Returns what
+        ran, with each run's time and result (the worker's ETA estimate may start from them).
+        """
+        loaded = self.load(spec)
+        task = "t2v" if "t2v" in spec.pipelines else "t2i"
+        if task not in spec.pipelines:
+            return []
+        size = functools.partial(self.catalog.size_of, spec)
+        if formats is None:
+            compiled = loaded.report.applied("compile")
+            formats = list(spec.formats) if compiled else [min(spec.formats, key=lambda f: size(f)[0] * size(f)[1])]
+        runs: list[WarmUpRun] = []
+        seen: set[tuple[int, int, str, int]] = set()
+        for precision in precisions or self.precisions(spec):
+            for fmt in formats:
+                for batch in batch_sizes:
+                    shape = (*size(fmt), precision, batch)
+                    if shape in seen or (batch > 1 and spec.modality != "image"):
+                        continue
+                    seen.add(shape)
+                    runs.append(self._warm_run(spec, task, fmt, precision, batch))
+        return runs
+
+    def _warm_run(self, spec: ModelSpec, task: str, fmt: str, precision: str, batch: int) -> WarmUpRun:
+        fields: dict[str, Any] = dict(
+            family=spec.family, model=spec.model, task=task, format=fmt, prompt="a warm-up run",
+            steps=spec.steps.min, seed=0, precision=precision,
+            duration=spec.video.duration.min if spec.video else None,
+        )
+        started = time.perf_counter()
+        if batch <= MAX_OUTPUTS:
+            result = self.generate(GenerationRequest.create(**fields, num_outputs=batch))
+        else:
+            items = [BatchItem(GenerationRequest.create(**{**fields, "seed": i})) for i in range(batch)]
+            outcome = self.generate_batch(items)[0]
+            if isinstance(outcome, BaseException):
+                raise outcome
+            result = outcome
+        seconds = time.perf_counter() - started
+        log.info("%s warmed up at %s, %s, batch %d in %.2f s", spec.key, fmt, precision, batch, seconds)
+        return WarmUpRun(format=fmt, precision=precision, batch=batch, seconds=seconds, result=result)
+
+    # --- batches ---------------------------------------------------------------------------------
+
+    def batch_key(self, request: GenerationRequest) -> Hashable | None:
+        """What ``request`` must share with others to run in one batch with them (None: it runs
+        alone). Plans the request, so a user error is raised here as :meth:`plan` raises it."""
+        return batch_key(self.plan(request))
+
+    def generate_batch(
+        self, items: Sequence[BatchItem], *, loras: LoraFiles | None = None
+    ) -> list[GenerationResult | KilnError]:
+        """Run compatible requests (equal :meth:`batch_key`) as one pipeline call; return each one's
+        own result, or the error that ended it, in order.
+
+        A request that fails planning gets its user error and the others run. Each item's ``on_step``
+        sees every step; a cancelled item's output is dropped (:class:`GenerationCancelled`) and the
+        call stops between steps once every item is cancelled. An error of the call itself (out of
+        memory, a pipeline failure) is every remaining item's. Results share the call's
+        ``elapsed_ms``. ValueError when the planned requests do not share one key.
+        """
+        outcomes: list[GenerationResult | KilnError | None] = [None] * len(items)
+        plans: list[Plan] = []
+        members: list[int] = []
+        for i, item in enumerate(items):
+            try:
+                plans.append(self.plan(item.request))
+                members.append(i)
+            except UserError as exc:
+                outcomes[i] = exc
+        keys = {batch_key(p) for p in plans}
+        if None in keys or len(keys) > 1:
+            raise ValueError("generate_batch takes compatible text-to-image requests (equal Engine.batch_key)")
+        if plans:
+            chosen = [items[i] for i in members]
+            for i, outcome in zip(members, self._run_batch(plans, chosen, loras), strict=True):
+                outcomes[i] = outcome
+        return outcomes  # type: ignore[return-value]  # every slot is filled
+
+    def _run_batch(
+        self, plans: list[Plan], items: list[BatchItem], loras: LoraFiles | None
+    ) -> list[GenerationResult | KilnError]:
+        cancels = [item.cancel for item in items]
+        everyone = AllSet(cancels)
+        first = plans[0]
+        try:
+            _check_cancel(everyone)  # type: ignore[arg-type]
+            loaded = self.load(first.spec)
+            _acquire(loaded.lock, everyone)  # type: ignore[arg-type]
+        except KilnError as exc:
+            return [exc] * len(plans)
+        try:
+            started = time.perf_counter()
+            loaded.loras.activate(loaded.pipelines[first.task], first.loras, loras)
+            progress = _BatchProgress(loaded, plans, items)
+            with loaded.text_scope(first.loras):
+                output = self._run(loaded, first, progress, batch=plans)
+            pictures = loaded.adapter.images(output, first)
+            elapsed_ms = round((time.perf_counter() - started) * 1000)
+        except KilnError as exc:
+            return [exc] * len(plans)
+        finally:
+            loaded.lock.release()
+        outcomes: list[GenerationResult | KilnError] = []
+        offset = 0
+        for plan, cancel in zip(plans, cancels, strict=True):
+            own, offset = pictures[offset : offset + plan.num_outputs], offset + plan.num_outputs
+            if cancel is not None and cancel.is_set():
+                outcomes.append(GenerationCancelled("the request was cancelled"))
+            else:
+                outcomes.append(self._result(plan, own, elapsed_ms))
+        return outcomes
 
     def _result(self, plan: Plan, pictures: list[Image.Image], elapsed_ms: int) -> GenerationResult:
         width, height = plan.output_size
@@ -318,14 +497,43 @@ class _Progress:
             self.total = total_steps(scheduler) * self.runs + self.extra
         if step_completed(scheduler):
             self.step += 1
-            if self.on_step is not None:
-                preview = None
-                if self.previews and "latents" in tensors:
-                    spatial = self.loaded.adapter.spatial_latents(pipe, tensors["latents"], self.plan)
-                    preview = self.loaded.previewer(pipe).render(spatial[:1])[0]
-                self.on_step(StepEvent(step=self.step, total=self.total, preview=preview))
+            self.report(pipe, tensors)
         _check_cancel(self.cancel)
         return {}
+
+    def report(self, pipe: Any, tensors: dict[str, Any]) -> None:
+        """Tell ``on_step``. Nothing here reads a tensor's value unless a preview was asked for: the
+        denoising loop runs ahead of the GPU, and one ``.item()`` or ``.cpu()`` per step would make
+        it wait at every step."""
+        if self.on_step is None:
+            return
+        preview = None
+        if self.previews and "latents" in tensors:
+            spatial = self.loaded.adapter.spatial_latents(pipe, tensors["latents"], self.plan)
+            preview = self.loaded.previewer(pipe).render(spatial[:1])[0]
+        self.on_step(StepEvent(step=self.step, total=self.total, preview=preview))
+
+
+class _BatchProgress(_Progress):
+    """``callback_on_step_end`` for a batch: every item's ``on_step`` sees every step (with a preview
+    of its own first output when it asked for previews); the call stops once every item is cancelled."""
+
+    def __init__(self, loaded: LoadedModel, plans: list[Plan], items: list[BatchItem]) -> None:
+        super().__init__(loaded, plans[0], None, AllSet([i.cancel for i in items]), previews=False)
+        self.items = items
+        self.rows = [sum(p.num_outputs for p in plans[:k]) for k in range(len(plans))]  # each item's first row
+
+    def report(self, pipe: Any, tensors: dict[str, Any]) -> None:
+        spatial = None
+        for item, row in zip(self.items, self.rows, strict=True):
+            if item.on_step is None:
+                continue
+            preview = None
+            if item.previews and "latents" in tensors:
+                if spatial is None:
+                    spatial = self.loaded.adapter.spatial_latents(pipe, tensors["latents"], self.plan)
+                preview = self.loaded.previewer(pipe).render(spatial[row : row + 1])[0]
+            item.on_step(StepEvent(step=self.step, total=self.total or self.step, preview=preview))
 
 
 def _parts(plan: Plan) -> list[Plan]:

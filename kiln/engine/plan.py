@@ -57,6 +57,7 @@ class Plan:
     loras: tuple[LoraRef, ...] = ()  # each adapter once (the weights of repeats added), in request order
     # Upscaling and detail passes after the base generation (kiln.engine.refinement); None: none.
     refinement: Refinement | None = None
+    precision: str = "native"  # or fp8: which the engine can run is its own check (Engine.plan)
 
     @property
     def output_size(self) -> tuple[int, int]:
@@ -124,7 +125,19 @@ def plan_request(request: GenerationRequest, catalog: Catalog) -> Plan:
         fps=fps,
         loras=loras,
         refinement=plan_refinement(request, spec, adapter, width, height, multiple),
+        precision=_precision(request, loras),
     )
+
+
+def _precision(request: GenerationRequest, loras: tuple[LoraRef, ...]) -> str:
+    precision = request.precision or "native"
+    if precision == "fp8" and loras:
+        raise InvalidParameters(
+            "precision fp8 quantizes the transformer, and LoRA adapters cannot be applied to it; "
+            "send loras or precision fp8, not both",
+            details={"field": "precision"},
+        )
+    return precision
 
 
 def _prompt(request: GenerationRequest, strength: float | None) -> str:

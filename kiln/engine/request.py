@@ -19,6 +19,10 @@ Encoding = Literal["webp", "png", "jpeg"]
 # What happens to an output the safety classifier flags: the request fails with NsfwDetected
 # (refuse), or the output is left out and reported (withhold); off: not checked.
 SafetyCheck = Literal["refuse", "withhold", "off"]
+# How the transformer computes: native is the catalog's dtype (bfloat16 on a GPU, float32 on a CPU);
+# fp8 is lossy float8 quantization, offered only where the model and the card allow it (see
+# kiln.engine.optimize).
+Precision = Literal["native", "fp8"]
 
 MAX_SEED = 2**32 - 1
 MAX_PROMPT_CHARS = 5000
@@ -79,6 +83,9 @@ class GenerationRequest(BaseModel):
     )
     encoding: Encoding = Field(default="webp", description="how image outputs are encoded (videos are always MP4)")
     loras: tuple[LoraRef, ...] = Field(default=(), max_length=MAX_LORAS, description="adapters, applied in order")
+    precision: Precision | None = Field(
+        default=None, description="native (the model's dtype) or fp8 where offered (None: native)"
+    )
     safety_check: SafetyCheck | None = Field(
         default=None, description="None: the server's default (refuse if the classifier runs by default, else off)"
     )

@@ -7,6 +7,7 @@ holds no per-model facts: those are in the catalog.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
@@ -33,6 +34,9 @@ class Adapter:
     # Whether its i2i pipeline takes latents as `image` (the space spatial_latents gives from an
     # `output_type="latent"` call) and adds noise to them at its starting sigma: latent_upscale needs it.
     latent_img2img: ClassVar[bool] = False
+    # Whether its transformer passes attention masks (padded captions): the attention kernels that take
+    # none (flash SDPA) do not fit it (kiln.engine.optimize).
+    attention_masked: ClassVar[bool] = False
 
     def call_kwargs(self, plan: Plan, pipe: Any) -> dict[str, Any]:
         """Arguments for ``pipe(...)`` beyond the ones every pipeline shares (see the engine)."""
@@ -47,6 +51,13 @@ class Adapter:
         if plan.mask is not None:
             kwargs["mask_image"] = fit_to(plan.mask, plan.gen_width, plan.gen_height)
         return kwargs
+
+    def batch_prompts(self, kwargs: dict[str, Any], plans: Sequence[Plan]) -> None:
+        """Turn ``kwargs`` (built for the first of ``plans``) into one call for every output of all
+        of them: one prompt per output, and as many negative prompts where the call has one."""
+        kwargs["prompt"] = [p.prompt for p in plans for _ in range(p.num_outputs)]
+        if "negative_prompt" in kwargs:
+            kwargs["negative_prompt"] = [p.negative_prompt or "" for p in plans for _ in range(p.num_outputs)]
 
     def prompt_kwargs(self, plan: Plan) -> dict[str, Any]:
         """Prompt and size: what every pipeline of every family takes, by keyword."""

@@ -11,6 +11,7 @@ class ZImageAdapter(Adapter):
     name = "zimage"
     pipeline_classes = frozenset({"ZImagePipeline", "ZImageImg2ImgPipeline", "ZImageInpaintPipeline"})
     strength_tasks = frozenset({"i2i", "edit"})
+    attention_masked = True  # captions of different lengths are padded and masked
 
     def encode_for_preview(self, pipe, image) -> torch.Tensor:
         cfg = pipe.vae.config
