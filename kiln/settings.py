@@ -56,7 +56,9 @@ class Settings(BaseModel):
     lora_cache_bytes: int = Field(default=20 * 2**30, ge=1024, description="LoRA files kept on disk, least recently used evicted")
     lora_fetch_timeout_s: float = Field(default=300.0, gt=0.0, le=3600.0, description="time to download one LoRA")
     hf_endpoint: str = Field(default="https://huggingface.co", description="where a LoRA named by Hugging Face repo id is fetched")
-    prompt_filter_file: Path | None = Field(default=None, description="regular expressions, one per line; a match is 403")
+    prompt_filter_file: Path | None = Field(
+        default=None, description="words and phrases (whole words) and re:PATTERN regular expressions, one per line; "
+        "a match is 403 (kiln/api/policy.py)")
     safety_checker: str | None = Field(
         default=None, max_length=1024,
         description="image safety classifier: a Stable Diffusion safety checker directory, or its hub id in the "
