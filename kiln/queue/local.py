@@ -225,6 +225,28 @@ class SqliteBroker(SqliteStore):
         self._changed(job.id, ANY)  # every queued job moved up one place
         return job
 
+    def claim_like(self, worker_id: str, batch: str, limit: int) -> list[Job]:
+        """Up to ``limit`` queued jobs whose payload's batch signature is ``batch`` (they can share one
+        pipeline call with a job this worker just claimed), in claim order, now running here."""
+        if limit <= 0:
+            return []
+        now = self.clock()
+        with self.transaction() as db:
+            rows = db.execute(
+                f"SELECT id FROM jobs WHERE status = 'queued' AND json_extract(payload, '$.batch') = :batch"
+                f" ORDER BY {EFFECTIVE_RANK}, created, id LIMIT :limit",
+                {"now": now, "aging": self.aging, "batch": batch, "limit": limit},
+            ).fetchall()
+            jobs = []
+            for row in rows:
+                job = self._get(db, row["id"])
+                self._set(db, job, JobStatus.RUNNING, started=now, worker_id=worker_id,  # type: ignore[arg-type]
+                          attempts=job.attempts + 1, lease=secrets.token_hex(8))  # type: ignore[union-attr]
+                jobs.append(self._get(db, row["id"]))
+        if jobs:
+            self._changed(*(j.id for j in jobs), ANY)
+        return jobs  # type: ignore[return-value]
+
     def report_progress(self, job_id: str, step: int, total_steps: int, *, lease: str | None = None) -> bool:
         with self.transaction() as db:
             if lease is not None:

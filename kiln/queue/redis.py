@@ -91,6 +91,7 @@ class RedisBroker:
         self.where = where_of(self._r)  # no password
         self._submit = self._r.register_script(lua.SUBMIT)
         self._claim = self._r.register_script(lua.CLAIM)
+        self._claim_like = self._r.register_script(lua.CLAIM_LIKE)
         self._touch = self._r.register_script(lua.TOUCH)
         self._finish_script = self._r.register_script(lua.FINISH)
         self._cancel = self._r.register_script(lua.CANCEL)
@@ -127,7 +128,8 @@ class RedisBroker:
         fields = {"id": job_id, "status": JobStatus.QUEUED.value, "priority": priority.value, "created": created,
                   "payload": json.dumps(payload, separators=(",", ":")), "attempts": 0, "step": 0, "total_steps": 0,
                   "cancel_requested": 0, "key_id": key_id, "idempotency_key": idempotency_key,
-                  "needs": " ".join(payload.get("needs", ())) or None}  # routing (kiln.worker.routing)
+                  "needs": " ".join(payload.get("needs", ())) or None,  # routing (kiln.worker.routing)
+                  "batch": payload.get("batch")}  # which jobs may share a pipeline call (claim_like)
         idem = "" if idempotency_key is None else f"{self.prefix}idem:{key_id or ''}:{idempotency_key}"
         tag, value, *stored = self._submit(args=[
             self.prefix, job_id, priority.value, created, idem,
@@ -224,6 +226,17 @@ class RedisBroker:
                 except Exception:  # a notification problem must not lose the claimed job
                     log.exception("worker-lost hook failed for job %s", lost_id)
         return _job(_hash(fields)) if job_id else None
+
+    @_reachable
+    def claim_like(self, worker_id: str, batch: str, limit: int) -> list[Job]:
+        """Up to ``limit`` queued jobs whose batch signature is ``batch`` (they can share one pipeline
+        call with a job this worker just claimed), in claim order, now running here, each with its own
+        lease."""
+        if limit <= 0:
+            return []
+        taken = self._claim_like(args=[self.prefix, worker_id, repr(self.clock()), self.aging, batch,
+                                       self.route_depth, *(secrets.token_hex(8) for _ in range(limit))])
+        return [job for flat in taken if (job := _job(_hash(flat))) is not None]
 
     @_reachable
     def report_progress(self, job_id: str, step: int, total_steps: int, *, lease: str | None = None) -> bool:

@@ -112,11 +112,51 @@ wake_idle()
 return {'created', id, redis.call('HGETALL', jkey(id))}
 """
 
+# What CLAIM and CLAIM_LIKE share: the claim order, and starting a job on a worker.
+TAKING = COMMON + """
+local function claim_order(n, now, aging)  -- the first n queued jobs of each priority, in claim order
+  local order = {}
+  for i, p in ipairs(PRIORITIES) do
+    local items = redis.call('ZRANGE', P .. 'queued:' .. p, 0, n - 1, 'WITHSCORES')
+    for j = 1, #items, 2 do
+      local created = tonumber(items[j + 1])
+      local eff = math.max(0, (i - 1) - math.floor(math.max(0, now - created) / aging))
+      table.insert(order, {eff, created, items[j], p})
+    end
+  end
+  table.sort(order, function(a, b)
+    if a[1] ~= b[1] then return a[1] < b[1] end
+    if a[2] ~= b[2] then return a[2] < b[2] end
+    return a[3] < b[3]
+  end)
+  return order
+end
+local function mark_running(id, worker, lease, now_s)
+  local job = jkey(id)
+  redis.call('ZREM', P .. 'idle', worker)
+  redis.call('HSET', job, 'status', 'running', 'started', now_s, 'worker_id', worker, 'lease', lease,
+             'step', '0', 'total_steps', '0')
+  redis.call('HINCRBY', job, 'attempts', 1)
+  redis.call('SADD', P .. 'running', id)
+  changed(id)
+  changed('*')
+end
+local function start_queued(id, p, worker, lease, now_s)  -- a queued job becomes a pending stream entry
+  local stream = P .. 'stream:' .. p
+  redis.call('ZREM', P .. 'queued:' .. p, id)
+  if redis.call('EXISTS', stream) == 0 then redis.call('XGROUP', 'CREATE', stream, GROUP, '$', 'MKSTREAM') end
+  local entry = redis.call('XADD', stream, '*', 'job', id)
+  redis.call('XREADGROUP', 'GROUP', GROUP, worker, 'COUNT', 1, 'STREAMS', stream, '>')  -- pending: the lease
+  redis.call('HSET', jkey(id), 'stream', stream, 'entry', entry)
+  mark_running(id, worker, lease, now_s)
+end
+"""
+
 # ARGV: P, worker, now, aging (s), lease idle limit (ms), max_attempts, new lease, worker-lost message
 # (with "{attempts}"), what the worker holds (space-separated), how long it counts as idle without
 # claiming again (ms), how deep to look for a job it fits.
 # Returns {claimed id or '', {ids failed as worker_lost}, the claimed job's hash}.
-CLAIM = COMMON + """
+CLAIM = TAKING + """
 local worker, now_s, aging, idle_ms = ARGV[2], ARGV[3], tonumber(ARGV[4]), ARGV[5]
 local now, max_attempts, lease, lost_message = tonumber(now_s), tonumber(ARGV[6]), ARGV[7], ARGV[8]
 local held, idle_for, depth = words(ARGV[9]), tonumber(ARGV[10]), tonumber(ARGV[11])
@@ -132,13 +172,7 @@ local holds = {}
 for _, item in ipairs(held) do holds[item] = true end
 
 local function run_here(id, job)
-  redis.call('ZREM', P .. 'idle', worker)
-  redis.call('HSET', job, 'status', 'running', 'started', now_s, 'worker_id', worker, 'lease', lease,
-             'step', '0', 'total_steps', '0')
-  redis.call('HINCRBY', job, 'attempts', 1)
-  redis.call('SADD', P .. 'running', id)
-  changed(id)
-  changed('*')
+  mark_running(id, worker, lease, now_s)
   return {id, lost, redis.call('HGETALL', job)}
 end
 
@@ -174,24 +208,7 @@ for _, p in ipairs(PRIORITIES) do
 end
 
 -- 2. the first queued job in claim order (best effective rank, then oldest, then id) that no idle
--- worker fits better than this one. Each priority's first n jobs hold the first n overall.
-local function claim_order(n)
-  local order = {}
-  for i, p in ipairs(PRIORITIES) do
-    local items = redis.call('ZRANGE', P .. 'queued:' .. p, 0, n - 1, 'WITHSCORES')
-    for j = 1, #items, 2 do
-      local created = tonumber(items[j + 1])
-      local eff = math.max(0, (i - 1) - math.floor(math.max(0, now - created) / aging))
-      table.insert(order, {eff, created, items[j], p})
-    end
-  end
-  table.sort(order, function(a, b)
-    if a[1] ~= b[1] then return a[1] < b[1] end
-    if a[2] ~= b[2] then return a[2] < b[2] end
-    return a[3] < b[3]
-  end)
-  return order
-end
+-- worker fits better than this one.
 local others = nil
 local function mine_to_take(job_id)
   local needs = words(redis.call('HGET', jkey(job_id), 'needs'))
@@ -204,11 +221,11 @@ local function mine_to_take(job_id)
   return true
 end
 local chosen = nil
-local order = claim_order(1)  -- the usual case: the head is this worker's to take
+local order = claim_order(1, now, aging)  -- the usual case: the head is this worker's to take
 if order[1] and mine_to_take(order[1][3]) then
   chosen = order[1]
 elseif order[1] then
-  order = claim_order(depth)
+  order = claim_order(depth, now, aging)
   for k = 2, math.min(#order, depth) do
     if mine_to_take(order[k][3]) then chosen = order[k] break end
   end
@@ -217,13 +234,25 @@ if not chosen then
   redis.call('ZADD', P .. 'idle', now_ms() + idle_for, worker)
   return {'', lost, {}}
 end
-local id, stream = chosen[3], P .. 'stream:' .. chosen[4]
-redis.call('ZREM', P .. 'queued:' .. chosen[4], id)
-if redis.call('EXISTS', stream) == 0 then redis.call('XGROUP', 'CREATE', stream, GROUP, '$', 'MKSTREAM') end
-local entry = redis.call('XADD', stream, '*', 'job', id)
-redis.call('XREADGROUP', 'GROUP', GROUP, worker, 'COUNT', 1, 'STREAMS', stream, '>')  -- pending: the lease
-redis.call('HSET', jkey(id), 'stream', stream, 'entry', entry)
-return run_here(id, jkey(id))
+start_queued(chosen[3], chosen[4], worker, lease, now_s)
+return {chosen[3], lost, redis.call('HGETALL', jkey(chosen[3]))}
+"""
+
+# ARGV: P, worker, now, aging (s), batch signature, how deep to look, then one new lease per job wanted.
+# Queued jobs with that signature (kiln.engine.batch: they can share one pipeline call), in claim order
+# among the first `depth`, now running on this worker (the one that claimed their first). Returns
+# their hashes.
+CLAIM_LIKE = TAKING + """
+local worker, now_s, aging, batch, depth = ARGV[2], ARGV[3], tonumber(ARGV[4]), ARGV[5], tonumber(ARGV[6])
+local leases, taken = {unpack(ARGV, 7)}, {}
+for _, c in ipairs(claim_order(depth, tonumber(now_s), aging)) do
+  if #taken >= #leases then break end
+  if redis.call('HGET', jkey(c[3]), 'batch') == batch then
+    start_queued(c[3], c[4], worker, leases[#taken + 1], now_s)
+    table.insert(taken, redis.call('HGETALL', jkey(c[3])))
+  end
+end
+return taken
 """
 
 # ARGV: P, id, lease ('' none), step ('' none), total_steps. Progress and heartbeat in one:
