@@ -365,6 +365,7 @@ def test_an_fp8_request_runs_a_quantized_copy_and_leaves_the_native_transformer_
     native = fp8_engine.generate(request())
     assert fp8_engine.precisions(catalog.models["flux/schnell"]) == ["native", "fp8"]
     lossy = fp8_engine.generate(request(precision="fp8"))
+    assert (native.precision, lossy.precision) == ("native", "fp8")
     loaded = fp8_engine.load(catalog.models["flux/schnell"])
     native_pipe, fp8_pipe = loaded.pipelines["t2i"], loaded.pipelines_for("fp8")["t2i"]
     assert quantized == [fp8_pipe.transformer] and fp8_pipe.transformer is not native_pipe.transformer

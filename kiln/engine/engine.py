@@ -80,6 +80,7 @@ class GenerationResult:
     upscale: float | None = None
     latent_upscale: float | None = None
     detail_strength: float | None = None
+    precision: str = "native"  # or fp8 (kiln.engine.optimize)
 
 
 OnStep = Callable[[StepEvent], None]
@@ -285,7 +286,8 @@ class Engine:
         pipe = loaded.pipelines_for(plan.precision)[plan.task]
         progress.plan = plan  # previews unpack latents at this call's size
         seeds = plan.seeds if batch is None else [seed for p in batch for seed in p.seeds]
-        pipe.scheduler = loaded.new_scheduler(plan, seeds=seeds, **(scheduler_config or {}))
+        batch_seeds = {} if batch is None else {"seeds": seeds}
+        pipe.scheduler = loaded.new_scheduler(plan, **batch_seeds, **(scheduler_config or {}))
         adapter = loaded.adapter
         kwargs = adapter.call_kwargs(plan, pipe)
         kwargs.update(
@@ -468,6 +470,7 @@ class Engine:
             upscale=plan.refinement.upscale if plan.refinement is not None else None,
             latent_upscale=plan.refinement.latent_upscale if plan.refinement is not None else None,
             detail_strength=plan.refinement.detail_strength if plan.refinement is not None else None,
+            precision=plan.precision,
         )
 
 
