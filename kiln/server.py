@@ -114,7 +114,7 @@ def build_runtime(
         worker.loras = share or loras  # the worker's engine loads the adapters the API side cached
     services = Services(
         settings=settings, catalog=catalog, broker=broker, store=store, keys=keys, worker=worker,
-        validate=engine.plan, outbox=outbox, loras=loras, lora_share=share,
+        validate=engine.plan, offers=engine.offers, outbox=outbox, loras=loras, lora_share=share,
         limiter=open_limiter("requests", settings.redis_url), upload_limiter=open_limiter("uploads", settings.redis_url),
         task_slots=open_slots("tasks", settings.redis_url),
     )

@@ -186,6 +186,11 @@ def test_playground_in_chromium(server, page):
     expect(page.locator("#negative")).to_be_hidden()
     expect(page.locator("#lora-add")).to_be_hidden()
     expect(page.locator("#lora-refusal")).to_contain_text(by_key["flux/schnell"]["info"]["lora_refusal"])
+    page.select_option("#model", "flux/dev2")  # image input is reference conditioning: no strength, no passes
+    page.select_option("#task", "i2i")
+    expect(page.locator("#strength")).to_be_hidden()
+    expect(page.locator("#upscale")).to_be_hidden()
+    expect(page.locator("#detail")).to_be_hidden()
     page.select_option("#model", "zimage/turbo")
     expect(page.locator("#guidance-value")).to_have_text("ignored by this model")
     page.select_option("#model", "wan/default")  # video: duration, no samplers, no upscaling

@@ -45,6 +45,7 @@ async def build_request(
         latent_upscale=body.latent_upscale,
         detail_enhance=bool(body.detail_enhance),
         detail_strength=body.detail_strength,
+        precision=body.precision,
     )
     if image is None and mask is None:
         svc.validate(canonical)  # no image to decode: cheaper than a hop to the threadpool and back

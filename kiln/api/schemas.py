@@ -47,6 +47,8 @@ class GenerateBody(BaseModel):
                                          "and denoise again before decoding (1024 x 1.5 = 1536)")
     detail_enhance: bool | None = Field(default=None, description="a refinement pass at the output size")
     detail_strength: float | None = Field(default=None, ge=0.0, le=1.0, description="detail_enhance: 0-1, default 0.5")
+    precision: Literal["native", "fp8"] | None = Field(
+        default=None, description="native (the model's dtype) or fp8 where GET /models lists it for the model")
 
 
 class QueueBody(GenerateBody):

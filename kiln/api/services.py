@@ -14,7 +14,7 @@ from kiln.loras import LoraStore
 from kiln.loras.shared import SharedLoras
 from kiln.api.metrics import Metrics
 from kiln.api.policy import PromptFilter
-from kiln.catalog import Catalog
+from kiln.catalog import Catalog, ModelSpec
 from kiln.keys import KeyBackend, Limiter, RateLimiter, Slots, TaskSlots
 from kiln.queue import Broker
 from kiln.queue.changes import ChangeFeed
@@ -49,6 +49,9 @@ class Services:
     # Validates a canonical request against the catalog and decodes its inputs (the engine's
     # planner); raises Kiln's user errors. Blocking: call it in a thread.
     validate: Callable[[GenerationRequest], Any]
+    # What a model offers beyond its catalog ranges (the engine's precisions, strength tasks, upscale
+    # and detail passes: Engine.offers), for GET /models; the API imports no engine itself.
+    offers: Callable[[ModelSpec], dict[str, Any]] = lambda spec: {}
     limiter: Limiter = field(default_factory=RateLimiter)
     upload_limiter: Limiter = field(default_factory=RateLimiter)
     task_slots: Slots = field(default_factory=TaskSlots)  # each key's unfinished WaveSpeed-style tasks

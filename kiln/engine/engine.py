@@ -25,7 +25,7 @@ from PIL import Image
 from kiln.catalog import Catalog, ModelSpec
 from kiln.catalog.schema import Optimizations
 from kiln.engine import optimize as optimize_module
-from kiln.engine import weights
+from kiln.engine import refinement, weights
 from kiln.engine.batch import AllSet, BatchItem, batch_key
 from kiln.engine.families import adapter_for
 from kiln.engine.families.base import crop_centre
@@ -144,6 +144,17 @@ class Engine:
         if self.switches(spec).fp8 and self.fp8_unavailable() is None:
             return ["native", "fp8"]
         return ["native"]
+
+    def offers(self, spec: ModelSpec) -> dict[str, Any]:
+        """What requests for ``spec`` may ask of this engine beyond the catalog's ranges, for ``/models``:
+        ``precisions`` (:meth:`precisions`), ``strength_tasks`` (tasks that take ``strength``) and
+        ``refinements`` (the upscale and detail passes it takes, :mod:`kiln.engine.refinement`)."""
+        adapter = adapter_for(spec)
+        return {
+            "precisions": self.precisions(spec),
+            "strength_tasks": sorted(t for t in adapter.strength_tasks if t in spec.pipelines),
+            "refinements": refinement.offered(spec, adapter),
+        }
 
     def max_batch(self, spec: ModelSpec) -> int:
         """How many compatible requests for ``spec`` the worker may hand :meth:`generate_batch` at once."""
@@ -334,13 +345,14 @@ class Engine:
         text-to-image (or text-to-video) generation at the model's fewest steps, seed 0. Returns what
         ran, with each run's time and result (the worker's ETA estimate may start from them).
         """
-        loaded = self.load(spec)
+        self.load(spec)
         task = "t2v" if "t2v" in spec.pipelines else "t2i"
         if task not in spec.pipelines:
             return []
         size = functools.partial(self.catalog.size_of, spec)
         if formats is None:
-            compiled = loaded.report.applied("compile")
+            report = self.optimizations(spec.key)
+            compiled = report is not None and report.applied("compile")
             formats = list(spec.formats) if compiled else [min(spec.formats, key=lambda f: size(f)[0] * size(f)[1])]
         runs: list[WarmUpRun] = []
         seen: set[tuple[int, int, str, int]] = set()

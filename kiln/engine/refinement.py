@@ -141,6 +141,18 @@ def plan_refinement(
     return Refinement(tuple(passes), request.upscale, request.latent_upscale, detail)
 
 
+def offered(spec: ModelSpec, adapter: Adapter) -> list[str]:
+    """The passes ``spec`` takes (``latent_upscale``, ``upscale``, ``detail_enhance``), for ``/models``."""
+    out = []
+    for name in ("upscale", "latent_upscale", "detail_enhance"):
+        try:
+            _check_model([name], spec, adapter)
+        except InvalidParameters:
+            continue
+        out.append(name)
+    return out
+
+
 def _check_model(asked: list[str], spec: ModelSpec, adapter: Adapter) -> None:
     name = asked[0]
     if spec.modality != "image":

@@ -205,6 +205,9 @@ class Worker:
             except KilnError as exc:
                 self.ready = False  # /readyz says so; requests for other models still run
                 log.warning("could not preload %s: %s", key, exc.message)
+            except Exception:  # a bug in loading or warming up must not end the worker before it starts
+                self.ready = False
+                log.exception("could not preload %s", key)
         self.alive = True
         try:
             while True:
@@ -256,23 +259,18 @@ class Worker:
                 self._cond.wait(timeout=IDLE_POLL_S)
 
     def _warm_up(self, spec) -> None:
-        """One small generation: the first real request does not pay one-time costs (kernel selection,
-        lazy initialisation), and queued jobs get an ETA before anything else has run."""
-        catalog = self.engine.catalog
-        task = "t2v" if "t2v" in spec.pipelines else "t2i"
-        if task not in spec.pipelines:
-            return
-        smallest = min(spec.formats, key=lambda f: catalog.size_of(spec, f)[0] * catalog.size_of(spec, f)[1])
-        request = GenerationRequest.create(
-            family=spec.family, model=spec.model, task=task, format=smallest, prompt="a warm-up run",
-            steps=spec.steps.min, seed=0, duration=spec.video.duration.min if spec.video else None,
-        )
+        """Run every shape the model will serve once (:meth:`Engine.warm_up`: each format of a compiled
+        model, at each batch size this worker may form), so the first real request pays no compiling
+        or lazy initialisation, and queued jobs get an ETA before anything else has run."""
         started = time.perf_counter()
-        result = self.engine.generate(request)
+        runs = self.engine.warm_up(spec, batch_sizes=tuple(range(1, self.engine.max_batch(spec) + 1)))
+        if not runs:
+            return
         if self.safety is not None:
-            flag_outputs(self.safety, result.outputs)  # its first run pays one-time costs too
-        self._measure(result, time.perf_counter() - started)
-        log.info("%s warmed up in %.2f s", spec.key, time.perf_counter() - started)
+            flag_outputs(self.safety, runs[-1].result.outputs)  # its first run pays one-time costs too
+        last = runs[-1]  # compiled by then: the time a request of that shape takes
+        self._measure(last.result, last.seconds / max(1, last.batch))
+        log.info("%s warmed up in %.2f s (%d shapes)", spec.key, time.perf_counter() - started, len(runs))
 
     def _measure(self, result: GenerationResult, took: float) -> None:
         self.seconds_per_job = took if self.seconds_per_job is None else 0.8 * self.seconds_per_job + 0.2 * took

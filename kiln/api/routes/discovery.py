@@ -25,7 +25,7 @@ async def list_models(
     the one served when none is named (the playground preselects it)."""
     svc = services(request)
     models = [
-        {**_model(spec, svc.backends), "default": spec.key == svc.catalog.default_model}  # as `kiln models`
+        {**_model(spec, svc.backends, svc.offers(spec)), "default": spec.key == svc.catalog.default_model}  # as `kiln models`
         for spec in svc.catalog
         if (family is None or spec.family == family) and (modality is None or spec.modality == modality)
     ]
@@ -43,7 +43,7 @@ async def aliases(request: Request, key: KeyRecord | None = Depends(authenticate
     }
 
 
-def _model(spec: ModelSpec, backends: tuple[str, ...]) -> dict[str, Any]:
+def _model(spec: ModelSpec, backends: tuple[str, ...], offers: dict[str, Any]) -> dict[str, Any]:
     info: dict[str, Any] = dict(spec.info)
     if spec.steps.fixed:
         info["fixed_steps"] = spec.steps.default
@@ -66,6 +66,14 @@ def _model(spec: ModelSpec, backends: tuple[str, ...]) -> dict[str, Any]:
         info["size_range"] = [spec.sizes.min, spec.sizes.max]
     if spec.video is not None:
         info.update(fps=spec.video.fps, duration_range=[spec.video.duration.min, spec.video.duration.max])
+    # from the engine: precision values (fp8 only where this server's card runs it), which tasks take a
+    # strength, which upscale and detail passes (README: "Upscaling and detail")
+    if "precisions" in offers:
+        info["precisions"] = offers["precisions"]
+    if "strength_tasks" in offers:
+        info["strength_tasks"] = offers["strength_tasks"]
+    if "refinements" in offers:
+        info["refinements"] = offers["refinements"]
     return {
         "family": spec.family,
         "model": spec.model,

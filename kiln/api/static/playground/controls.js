@@ -86,20 +86,23 @@ export class Controls {
     if (!model) return;
     const info = model.info || {};
     const task = $("task").value;
+    // GET /models says which tasks take a strength and which upscale/detail passes the model takes
+    const strengthTasks = info.strength_tasks ? new Set(info.strength_tasks) : STRENGTH_TASKS;
+    const refinements = info.refinements || [];
     const flags = {
       negative: Boolean(info.negative_prompt),
       image: IMAGE_TASKS.has(task),
       mask: task === "edit",
-      strength: STRENGTH_TASKS.has(task),
+      strength: strengthTasks.has(task),
       duration: Boolean(info.duration_range),
       samplers: Boolean(info.samplers && info.samplers.length),
       loras: Boolean(info.loras),
       "no-loras": !info.loras,
-      // the render API redraws with the model's img2img pipeline for these passes; a model
-      // without one has none (the server has the last word, and its message is shown)
-      refine: model.modality === "image" && model.tasks.includes("i2i"),
-      "no-refine": !(model.modality === "image" && model.tasks.includes("i2i")),
-      detail: $("detail").checked,
+      refine: refinements.length > 0,
+      "no-refine": refinements.length === 0,
+      upscale: refinements.includes("upscale"),
+      "detail-pass": refinements.includes("detail_enhance"),
+      detail: refinements.includes("detail_enhance") && $("detail").checked,
     };
     for (const el of document.querySelectorAll("#controls [data-show]")) {
       el.hidden = !flags[el.dataset.show];
@@ -172,12 +175,10 @@ export class Controls {
         .filter((lora) => lora.url);
       if (loras.length) fields.loras = loras;
     }
-    if (shown("upscale")) {
-      if ($("upscale").value) fields.upscale = Number($("upscale").value);
-      if ($("detail").checked) {
-        fields.detail_enhance = true;
-        fields.detail_strength = Number($("detail-strength").value);
-      }
+    if (shown("upscale") && $("upscale").value) fields.upscale = Number($("upscale").value);
+    if (shown("detail") && $("detail").checked) {
+      fields.detail_enhance = true;
+      fields.detail_strength = Number($("detail-strength").value);
     }
     return fields;
   }
