@@ -131,14 +131,6 @@ class MovableClock:
         return self.now
 
 
-def until(condition, *, timeout: float = 30.0, what: str = "the condition") -> None:
-    """Wait until ``condition()`` is true, checking every 10 ms, at most ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, f"{what} did not happen in {timeout}s"
-        time.sleep(0.01)
-
-
 def in_background(action) -> threading.Thread:
     thread = threading.Thread(target=action, daemon=True)
     thread.start()

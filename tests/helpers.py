@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import time
 
 from PIL import Image
 
@@ -39,3 +40,15 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+def until(predicate, timeout: float = 10.0, what: str = "the condition"):
+    """Poll ``predicate`` every 10 ms until it returns something truthy, and return that; fail after
+    ``timeout`` seconds. For waiting on another thread or process, never for timing one."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        assert time.monotonic() < deadline, f"{what} did not happen in {timeout}s"
+        time.sleep(0.01)

@@ -14,8 +14,8 @@ import pytest
 from PIL import Image
 
 from api_helpers import StalledWorker, running_server
-from client_helpers import PUBLIC_URL, FakeSleep, InProcess, MovableClock, StepEngine, in_background, until
-from helpers import png
+from client_helpers import PUBLIC_URL, FakeSleep, InProcess, MovableClock, StepEngine, in_background
+from helpers import png, until
 from kiln import client as kc
 from kiln.client import protocol
 

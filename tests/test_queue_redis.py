@@ -17,6 +17,7 @@ from types import SimpleNamespace
 
 import pytest
 import redis
+from helpers import until
 
 from kiln.errors import LeaseLost, QueueUnavailable
 from kiln.queue import JobStatus, Priority
@@ -38,17 +39,6 @@ def make_broker(redis_url):
     yield make
     for b in made:
         b.close()
-
-
-def until(predicate, timeout: float = 10.0):
-    """Poll ``predicate`` until it returns something truthy; fail after ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.01)
-    pytest.fail(f"not true within {timeout} s")
 
 
 def pending(url: str) -> int:

@@ -7,6 +7,7 @@ import threading
 import time
 
 import pytest
+from helpers import until
 
 from kiln.queue import JobStatus, Priority
 from kiln.queue.redis import RedisBroker
@@ -27,16 +28,6 @@ def broker(redis_url):
     b = RedisBroker(redis_url, idle_s=2.0)
     yield b
     b.close()
-
-
-def until(predicate, timeout: float = 10.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.01)
-    pytest.fail(f"not true within {timeout} s")
 
 
 def test_needs_and_holdings_speak_the_same_names():
@@ -213,7 +204,7 @@ def test_workers_take_the_jobs_of_the_models_they_hold(redis_url, tmp_path, cata
     monkeypatch.setattr(runner, "HOLDINGS_TTL_S", 0.0)
     workers = []
     for name, model in (("w-dev", "flux/dev"), ("w-schnell", "flux/schnell")):
-        broker = RedisBroker(redis_url)
+        broker = RedisBroker(redis_url, idle_s=30.0)  # a loaded machine must not make the holder look gone
         worker = runner.Worker(LoadingEngine(catalog), broker, LocalAssetStore(tmp_path / "assets"), worker_id=name,
                                preload=(model,), warmup=False)
         workers.append(worker)
