@@ -24,7 +24,7 @@ from kiln.queue import JobStatus, Priority
 from kiln.queue.redis import RedisBroker
 
 LEASE_S = 0.3
-# workers whose _generate is replaced need no engine, only what routing asks of one
+# workers whose _render is replaced need no engine, only what routing asks of one
 NO_ENGINE = SimpleNamespace(loaded=lambda: [], catalog=SimpleNamespace(aliases={}))
 
 
@@ -294,12 +294,12 @@ def test_a_worker_that_lost_its_job_drops_its_result(make_broker, tmp_path, monk
     finished: list = []
 
     class Slow(runner.Worker):
-        def _generate(self, request, **kwargs):
+        def _render(self, request, **kwargs):
             started.set()
             release.wait(30)
-            return runner.Stored(result=_Result(), assets=[], media_type="image/webp", first_bytes=b"")
+            return runner.Rendered(request, _Result(), [])
 
-    monkeypatch.setattr(runner, "from_payload", lambda payload, store: payload)
+    monkeypatch.setattr("kiln.worker.jobs.from_payload", lambda payload, store: payload)
     worker = Slow(engine=NO_ENGINE, broker=broker, store=LocalAssetStore(tmp_path / "assets"), worker_id="w1")
     worker.on_terminal = finished.append
     job, _ = broker.submit({"n": 1})
@@ -331,12 +331,12 @@ def test_the_worker_heartbeats_through_a_step_longer_than_the_lease(make_broker,
     release, started = threading.Event(), threading.Event()
 
     class LongStep(runner.Worker):
-        def _generate(self, request, **kwargs):
+        def _render(self, request, **kwargs):
             started.set()
             release.wait(30)  # no progress reports meanwhile
-            return runner.Stored(result=_Result(), assets=[], media_type="image/webp", first_bytes=b"")
+            return runner.Rendered(request, _Result(), [])
 
-    monkeypatch.setattr(runner, "from_payload", lambda payload, store: payload)
+    monkeypatch.setattr("kiln.worker.jobs.from_payload", lambda payload, store: payload)
     worker = LongStep(engine=NO_ENGINE, broker=broker, store=LocalAssetStore(tmp_path / "assets"), worker_id="w1")
     job, _ = broker.submit({"n": 1})
     worker.start()
@@ -356,4 +356,5 @@ def test_the_worker_heartbeats_through_a_step_longer_than_the_lease(make_broker,
 
 class _Result:
     seed, elapsed_ms, width, height, model, steps, num_frames = 1, 1.0, 8, 8, "toy", 1, None
+    upscale = latent_upscale = detail_strength = None
     outputs = ()

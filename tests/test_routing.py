@@ -195,12 +195,12 @@ def test_workers_take_the_jobs_of_the_models_they_hold(redis_url, tmp_path, cata
     from kiln.storage import LocalAssetStore
     from kiln.worker import runner
 
-    def fake_generate(self, request, **kwargs):
+    def fake_render(self, request, **kwargs):
         self.engine.load(self.engine.catalog.resolve(request["request"]["family"], request["request"]["model"]))
-        return runner.Stored(result=_Result(), assets=[], media_type="image/webp", first_bytes=b"")
+        return runner.Rendered(request, _Result(), [])
 
-    monkeypatch.setattr(runner, "from_payload", lambda payload, store: payload)
-    monkeypatch.setattr(runner.Worker, "_generate", fake_generate)
+    monkeypatch.setattr("kiln.worker.jobs.from_payload", lambda payload, store: payload)
+    monkeypatch.setattr(runner.Worker, "_render", fake_render)
     monkeypatch.setattr(runner, "HOLDINGS_TTL_S", 0.0)
     workers = []
     for name, model in (("w-dev", "flux/dev"), ("w-schnell", "flux/schnell")):

@@ -6,7 +6,7 @@ import hashlib
 
 import pytest
 from api_helpers import FileServer, running_server
-from test_lora import toy_loras  # noqa: F401  (fixture)
+from test_lora import toy_loras  # noqa: F401, F811  (fixture)
 from test_worker_process import WorkerProcess
 
 from kiln.loras import LoraStore

@@ -15,6 +15,7 @@ from kiln.queue import JobStatus, SqliteBroker
 from kiln.storage import LocalAssetStore
 from kiln.worker import Worker, to_payload
 from kiln.worker.payload import batch_signature
+from helpers import until
 
 
 def decoded(data: bytes) -> np.ndarray:
@@ -103,4 +104,59 @@ def test_a_worker_runs_compatible_waiting_jobs_as_one_call(tmp_path, engine, mon
         alone = np.asarray(engine.generate(request(seed=seed, prompt=prompt)).outputs[0].image, dtype=int)
         batched = decoded(store.read("i", job.output.rsplit("/", 1)[1]))  # PNG: lossless
         assert np.abs(alone - batched).max() <= 1
+    broker.close()
+
+
+class SolidEngine:
+    """Just what a Worker asks of an engine; each generation is a solid picture, and records its start."""
+
+    def __init__(self, catalog) -> None:
+        self.catalog, self.started = catalog, []
+
+    def loaded(self):
+        return []
+
+    def max_batch(self, spec):
+        return 1
+
+    def generate(self, request, **kwargs):
+        from kiln.engine import GenerationResult, ImageOutput
+
+        self.started.append(request.seed)
+        return GenerationResult(
+            outputs=[ImageOutput(Image.new("RGB", (64, 64), (request.seed, 0, 0)), request.seed)], model="flux/dev",
+            task="t2i", width=64, height=64, seed=request.seed, steps=15, guidance=3.5, sampler=None, scheduler=None,
+            strength=None, num_frames=None, fps=None, elapsed_ms=1)
+
+
+def test_the_next_job_renders_while_the_last_one_is_still_being_stored(tmp_path, catalog):
+    """Encoding and storing run on the finishing pool: the GPU owner's thread does not wait for them."""
+
+    class SlowStore(LocalAssetStore):
+        def __init__(self, root) -> None:
+            super().__init__(root)
+            self.entered, self.release = threading.Event(), threading.Event()
+
+        def put(self, data, kind, media_type):
+            if not self.entered.is_set():  # the first job's output: held until the second job rendered
+                self.entered.set()
+                assert self.release.wait(60)
+            return super().put(data, kind, media_type)
+
+    broker, store = SqliteBroker(tmp_path / "jobs.db"), SlowStore(tmp_path / "assets")
+    engine = SolidEngine(catalog)
+    first = broker.submit(to_payload(request(seed=1), store))[0].id
+    second = broker.submit(to_payload(request(seed=2), store))[0].id
+    worker = Worker(engine, broker, store, warmup=False)
+    worker.start()
+    try:
+        assert store.entered.wait(60)  # the first job is being stored...
+        until(lambda: engine.started == [1, 2], what="the second job rendering")  # ...and the second rendered
+        assert broker.get(first).status is JobStatus.RUNNING  # complete only once its output is stored
+        store.release.set()
+        until(lambda: broker.get(first).status.terminal and broker.get(second).status.terminal, what="both jobs ending")
+    finally:
+        store.release.set()
+        worker.stop()
+    assert broker.get(first).status is JobStatus.COMPLETE and broker.get(second).status is JobStatus.COMPLETE
     broker.close()

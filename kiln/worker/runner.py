@@ -14,19 +14,17 @@ from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
-from contextlib import ExitStack
 from dataclasses import dataclass, field
 from typing import Any
 
 from kiln.engine import Engine, GenerationRequest, GenerationResult, Output, StepEvent
-from kiln.engine.batch import BatchItem
 from kiln.engine.lora import LoraFiles
 from kiln.engine.safety import SafetyChecker, flag_outputs
-from kiln.errors import CapacityExhausted, GenerationCancelled, GenerationError, KilnError, LeaseLost, NsfwDetected
+from kiln.errors import CapacityExhausted, GenerationError, KilnError, NsfwDetected
 from kiln.queue import Broker, Job
 from kiln.storage import Asset, AssetStore
-from kiln.worker.heartbeat import Heartbeat
-from kiln.worker.payload import from_payload
+from kiln.worker.finishing import Finishing
+from kiln.worker.jobs import JobRuns, Rendered
 from kiln.worker.routing import MAX_LORAS_ADVERTISED, holdings
 
 log = logging.getLogger(__name__)
@@ -73,7 +71,7 @@ def capacity_exhausted(retry_after: int) -> CapacityExhausted:
     return CapacityExhausted(f"sync tier at capacity, retry in {retry_after}s or use async", retry_after=retry_after)
 
 
-class Worker:
+class Worker(JobRuns):
     def __init__(
         self, engine: Engine, broker: Broker, store: AssetStore, *, worker_id: str = "local", preload: tuple[str, ...] = (),
         warmup: bool = True, safety: SafetyChecker | None = None, safety_default: bool = True,
@@ -87,7 +85,7 @@ class Worker:
         self.warmup = warmup  # run each preloaded model once (smallest format, fewest steps) before ready
         # Called with each job that reached a terminal state here (webhooks); must not block.
         self.on_terminal: Callable[[Job], None] | None = None
-        self._job_cancel: threading.Event | _EveryEvent | None = None  # what a shutdown sets to stop the run
+        self._job_cancel: Any = None  # what a shutdown sets to stop the run in hand (an Event, or all of a batch)
         # kiln.worker.remote.RemoteSync: sync requests offered by API nodes on other machines (kiln worker)
         self.remote: Any = None
         self._sync: deque[SyncTicket] = deque()
@@ -103,6 +101,7 @@ class Worker:
         self.alive = False
         self.ready = False  # alive and the default model loaded
         self._holdings: tuple[float, list[str]] = (-HOLDINGS_TTL_S, [])
+        self.finishing = Finishing()  # encoding, storing and recording jobs, off this thread (kiln.worker.jobs)
 
     # --- lifecycle ---------------------------------------------------------------------------------
 
@@ -219,6 +218,7 @@ class Worker:
                     with self._cond:
                         self._cond.wait(timeout=1.0)
         finally:
+            self.finishing.close()  # the jobs rendered here are recorded before the worker stops
             self.alive = False
 
     def _step(self) -> bool:
@@ -297,174 +297,25 @@ class Worker:
             if not item.done.done():
                 item.done.set_exception(exc if isinstance(exc, KilnError) else GenerationError("generation failed"))
 
-    def _run_job(self, job: Job) -> None:
-        mates = self._batch_mates(job)
-        if mates:
-            self._run_batch([job, *mates])
-            return
-        self.current_job = job.id
-        cancel = self._job_cancel = threading.Event()
-        try:
-            with Heartbeat(self.broker, job, on_lost=cancel.set):
-                try:
-                    outcome: Stored | BaseException = self._generate(
-                        from_payload(job.payload, self.store), on_step=self._progress(job, cancel), cancel=cancel)
-                except Exception as exc:  # noqa: BLE001 - every failure is recorded on the job
-                    outcome = exc
-                finished = self._conclude(job, outcome)
-        except LeaseLost as exc:
-            # this worker was presumed dead (it stopped heartbeating) and the job is another's now
-            log.warning("%s; this run's result is dropped", exc.message)
-            return
-        finally:
-            self.current_job = None
-            self._job_cancel = None
-        self._announce(finished)
-
-    def _announce(self, finished: Job | None) -> None:
-        if finished is None or self.on_terminal is None:
-            return
-        try:
-            self.on_terminal(finished)
-        except Exception:  # a notification problem must never stop the worker
-            log.exception("terminal-state hook failed for job %s", finished.id)
-
-    def _progress(self, job: Job, cancel: threading.Event) -> Callable[[StepEvent], None]:
-        """Each step: the job's progress in the broker (with its lease); cancel when asked to stop."""
-
-        def on_step(event: StepEvent) -> None:
-            try:
-                if self.broker.report_progress(job.id, event.step, event.total, lease=job.lease):
-                    cancel.set()
-            except LeaseLost:
-                cancel.set()  # stop now; the write after the engine returns says so again
-
-        return on_step
-
-    def _conclude(self, job: Job, outcome: Stored | BaseException) -> Job | None:
-        """Store how a claimed job ended (every write carries its lease); None if it was handed back
-        to the queue (a shutdown stopped it)."""
-        if isinstance(outcome, GenerationCancelled):
-            if self._stopping and not self.broker.get(job.id).cancel_requested:
-                self.broker.requeue(job.id, lease=job.lease)  # shutdown, not the client: it runs again at next start
-                log.info("job %s handed back to the queue", job.id)
-                return None
-            return self.broker.mark_cancelled(job.id, lease=job.lease)
-        if isinstance(outcome, KilnError):
-            return self.broker.fail(job.id, outcome.code, outcome.message, lease=job.lease)
-        if isinstance(outcome, BaseException):
-            log.error("job %s failed", job.id, exc_info=outcome)
-            return self.broker.fail(job.id, "generation_failed", "the generation failed; see the server log",
-                                    lease=job.lease)
-        result = outcome.result
-        paths = [f"/{a.kind}/{a.name}" for a in outcome.assets]
-        return self.broker.complete(
-            job.id,
-            paths[0] if paths else "",  # every output withheld by the safety check
-            {
-                "outputs": paths,
-                "seed": result.seed,
-                "duration_ms": result.elapsed_ms,
-                "width": result.width,
-                "height": result.height,
-                "nsfw": outcome.nsfw,
-            },
-            lease=job.lease,
-        )
-
-    # --- batches (kiln.engine.batch) -----------------------------------------------------------------
-
-    def _batch_mates(self, job: Job) -> list[Job]:
-        """Queued jobs that can share ``job``'s pipeline call, now claimed by this worker too: up to the
-        model's ``max_batch`` (catalog) less one, none when the broker or the job cannot batch."""
-        signature, request = job.payload.get("batch"), job.payload.get("request", {})
-        claim_like = getattr(self.broker, "claim_like", None)
-        if not signature or claim_like is None:
-            return []
-        try:
-            spec = self.engine.catalog.resolve(request["family"], request["model"])
-        except (KeyError, KilnError):
-            return []
-        room = self.engine.max_batch(spec) - 1
-        return claim_like(self.worker_id, signature, room) if room > 0 else []
-
-    def _run_batch(self, jobs: list[Job]) -> None:
-        """Run claimed jobs as one pipeline call (``Engine.generate_batch``), each with its own lease,
-        progress, cancellation, safety check, outputs and terminal state."""
-        cancels = {job.id: threading.Event() for job in jobs}
-        self.current_job = jobs[0].id
-        self._job_cancel = _EveryEvent(list(cancels.values()))  # a shutdown stops them all
-        outcomes: dict[str, Stored | BaseException] = {}
-        finished: list[Job | None] = []
-        try:
-            with ExitStack() as beats:
-                for job in jobs:
-                    beats.enter_context(Heartbeat(self.broker, job, on_lost=cancels[job.id].set))
-                items, runnable = [], []
-                for job in jobs:
-                    try:
-                        request = from_payload(job.payload, self.store)
-                    except Exception as exc:  # noqa: BLE001 - an input that cannot be read fails its own job
-                        outcomes[job.id] = exc
-                        continue
-                    runnable.append((job, request))
-                    items.append(BatchItem(request, on_step=self._progress(job, cancels[job.id]),
-                                           cancel=cancels[job.id]))
-                outcomes.update(self._generate_batch(runnable, items))
-                for job in jobs:
-                    try:
-                        finished.append(self._conclude(job, outcomes[job.id]))
-                    except LeaseLost as exc:
-                        log.warning("%s; this run's result is dropped", exc.message)
-        finally:
-            self.current_job = None
-            self._job_cancel = None
-        for job in finished:
-            self._announce(job)
-
-    def _generate_batch(self, runnable: list[tuple[Job, GenerationRequest]],
-                        items: list[BatchItem]) -> dict[str, Stored | BaseException]:
-        if not runnable:
-            return {}
-        started = time.perf_counter()
-        try:
-            results = self.engine.generate_batch(items, loras=self.loras)
-        except ValueError:
-            # the signatures matched but the plans do not (another default filled in): one at a time
-            log.info("batch of %d did not plan as one call; running them one by one", len(items))
-            out: dict[str, Stored | BaseException] = {}
-            for (job, request), item in zip(runnable, items, strict=True):
-                try:
-                    out[job.id] = self._generate(request, on_step=item.on_step, cancel=item.cancel)
-                except Exception as exc:  # noqa: BLE001
-                    out[job.id] = exc
-            return out
-        except Exception as exc:  # noqa: BLE001 - the call's own failure is every job's
-            return {job.id: exc for job, _ in runnable}
-        out = {}
-        for (job, request), result in zip(runnable, results, strict=True):
-            if isinstance(result, BaseException):
-                out[job.id] = result
-                continue
-            try:
-                out[job.id] = self._store(request, result, started, durable=True, batch=len(runnable))
-            except Exception as exc:  # noqa: BLE001
-                out[job.id] = exc
-        return out
-
     def _generate(self, request: GenerationRequest, *, on_step=None, cancel=None, previews: bool = False,
                   durable: bool = True) -> Stored:
-        """Run, check, encode and store. ``durable=False`` (sync requests: the client gets the bytes in
-        the response) lets the store write after answering; a job's output is durable before it
-        completes. The safety check runs before anything is stored: a flagged output never gets a URL."""
+        """Render, encode and store (the sync tier's whole path). ``durable=False`` (the client gets the
+        bytes in the response) lets the store write after answering."""
         started = time.perf_counter()
+        rendered = self._render(request, on_step=on_step, cancel=cancel, previews=previews)
+        return self._store(request, rendered.result, started, durable=durable, nsfw=rendered.nsfw)
+
+    def _render(self, request: GenerationRequest, *, on_step=None, cancel=None, previews: bool = False) -> Rendered:
+        """The device's part: the engine, then the safety classifier (which runs on the device too), before
+        anything is stored, so a flagged output never gets a URL. Raises what the engine raises and
+        :class:`NsfwDetected` for a refused output."""
         result = self.engine.generate(request, on_step=on_step, cancel=cancel, previews=previews, loras=self.loras)
-        return self._store(request, result, started, durable=durable)
+        return Rendered(request, result, self._safety_verdicts(request, result))
 
     def _store(self, request: GenerationRequest, result: GenerationResult, started: float, *, durable: bool,
-               batch: int = 1) -> Stored:
-        """Check, encode and store ``result`` (generated since ``started``, in a batch of ``batch``)."""
-        nsfw = self._safety_verdicts(request, result)
+               batch: int = 1, nsfw: list[bool]) -> Stored:
+        """Encode and store ``result`` (rendered since ``started``, in a batch of ``batch``), leaving out
+        the outputs ``nsfw`` flags. A job's outputs are durable before it completes."""
         generated = time.perf_counter()
         assets, first = [], b""
         media_type = "application/octet-stream"
@@ -500,17 +351,6 @@ class Worker:
                     "try another prompt or seed", details={"outputs": flagged},
                 )
         return nsfw
-
-
-class _EveryEvent:
-    """Sets every one of several events (a shutdown stopping a whole batch)."""
-
-    def __init__(self, events: list[threading.Event]) -> None:
-        self.events = events
-
-    def set(self) -> None:
-        for event in self.events:
-            event.set()
 
 
 def work_units(steps: int, width: int, height: int, num_frames: int | None = None, outputs: int = 1) -> float:
