@@ -231,7 +231,9 @@ elseif order[1] then
   end
 end
 if not chosen then
-  redis.call('ZADD', P .. 'idle', now_ms() + idle_for, worker)
+  local t = now_ms()
+  redis.call('ZREMRANGEBYSCORE', P .. 'idle', '-inf', t)  -- workers gone quiet (dead, or busy elsewhere)
+  redis.call('ZADD', P .. 'idle', t + idle_for, worker)
   return {'', lost, {}}
 end
 start_queued(chosen[3], chosen[4], worker, lease, now_s)
