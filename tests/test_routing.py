@@ -109,6 +109,19 @@ def test_a_new_job_wakes_idle_workers_at_once(broker):
     assert broker.wait_for_work("wa", 30.0) is True
 
 
+def test_only_the_idle_worker_that_fits_best_is_woken(broker, redis_url):
+    import redis
+
+    broker.claim("wa", holds=["m:flux/a"])
+    broker.claim("wb", holds=["m:flux/b"])
+    broker.submit(payload("flux/b"))
+    r = redis.Redis.from_url(redis_url)
+    try:
+        assert (r.llen("kiln:wake:wb"), r.llen("kiln:wake:wa")) == (1, 0)  # no herd of empty claims
+    finally:
+        r.close()
+
+
 def test_a_handed_back_job_wakes_idle_workers(broker):
     job, _ = broker.submit(payload("flux/a"))
     running = broker.claim("wa", holds=["m:flux/a"])

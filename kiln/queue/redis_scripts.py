@@ -15,7 +15,8 @@ Keys (``P`` is the broker's prefix, ``ARGV[1]`` in every script):
 - ``P holds:<worker>``: a set of what the worker holds (``m:<family/model>`` for each loaded model and
   its aliases, ``l:<sha256>`` for each cached LoRA), rewritten at each of its claims.
 - ``P wake:<worker>``: a one-item list an idle worker blocks on (``BLPOP``); a new or handed-back job
-  pushes to every idle worker's, so none waits out its poll interval.
+  pushes to the list of the idle worker that fits it best, which claims it at once instead of at its
+  next poll.
 
 Routing: a job's hash has ``needs`` (``m:<family/model>`` and ``l:<sha256>`` of its LoRAs; see
 :func:`kiln.worker.payload.needs_of`). A worker's *fit* for a job is 2 when it holds the model and
@@ -44,14 +45,6 @@ local function now_ms()
   local t = redis.call('TIME')
   return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 end
-local function wake_idle()  -- a job can be claimed: every idle worker looks now, not at its next poll
-  for _, w in ipairs(redis.call('ZRANGEBYSCORE', P .. 'idle', now_ms(), '+inf')) do
-    local k = P .. 'wake:' .. w
-    redis.call('RPUSH', k, '1')
-    redis.call('LTRIM', k, -1, -1)
-    redis.call('PEXPIRE', k, 60000)
-  end
-end
 local function words(text)
   local out = {}
   for w in string.gmatch(text or '', '%S+') do table.insert(out, w) end
@@ -73,6 +66,19 @@ local function idle_holdings(except)  -- the holdings (sets) of the workers idle
     end
   end
   return out
+end
+local function wake_for(id)  -- job `id` can be claimed: the idle worker that fits it best looks now
+  local needs, best, best_fit = words(redis.call('HGET', jkey(id), 'needs')), nil, -1
+  for _, o in ipairs(idle_holdings('')) do
+    local f = fit(o[2], needs)
+    if f > best_fit then best, best_fit = o[1], f end
+  end
+  if best then  -- one worker, not all: the others would only find it taken (if it died while idle,
+    local k = P .. 'wake:' .. best  -- the others take the job once its idle entry runs out)
+    redis.call('RPUSH', k, '1')
+    redis.call('LTRIM', k, -1, -1)
+    redis.call('PEXPIRE', k, 60000)
+  end
 end
 local function drop_entry(job)  -- the result is stored: acknowledge and delete the job's entry
   local where = redis.call('HMGET', job, 'stream', 'entry')
@@ -108,7 +114,7 @@ if idem ~= '' then
   redis.call('EXPIRE', idem, math.ceil(ttl))
 end
 changed('*')
-wake_idle()
+wake_for(id)
 return {'created', id, redis.call('HGETALL', jkey(id))}
 """
 
@@ -290,7 +296,7 @@ if new == 'queued' then
   redis.call('HSET', job, 'status', 'queued', 'step', '0', 'total_steps', '0')
   redis.call('ZADD', P .. 'queued:' .. st[3], st[4], id)
   changed('*')
-  wake_idle()
+  wake_for(id)
 else
   redis.call('HSET', job, 'status', new, 'finished', now_s)
   redis.call('ZADD', P .. 'finished', now_s, id)
