@@ -11,8 +11,9 @@ yellow, ...), one group of one to three shapes, asked with their canonical promp
 (``world.prompt``: "two small green squares at the top left on a white background"), generated
 through the engine exactly as the server does (``Engine.generate``, catalog model ``flux/mini``,
 512x512, its default steps, seed = index), and read back by ``world.classify`` (border colour,
-dominant other colour, connected regions). Targets: background right >= 90 %, shape colour right
->= 80 %; the count is reported too. A control set of in-distribution prompts (combinations training
+dominant other colour, connected regions, where that colour stands). Targets: background right
+>= 90 %, shape colour right >= 80 %; the count is reported too, and the position (of the prompts that
+name one: the read centre within 0.15 of the image of the shapes' own, ``world.at_position``). A control set of in-distribution prompts (combinations training
 did show) is scored the same way, and the checker is scored on the ground-truth renders of the
 held-out scenes (it must be ~100 %, or the numbers above mean nothing).
 
@@ -50,11 +51,14 @@ def scenes(n: int, seed: int, held_out: bool):
 
 
 def score(scene, reading) -> dict:
+    from kiln.training import world
+
     group = scene.groups[0]
     return {
         "background": reading.background == scene.background,
         "colour": reading.colour == group.colour,
         "count": reading.count == group.count,
+        "position": world.at_position(scene, reading),  # None: the prompt names no position
     }
 
 
@@ -86,7 +90,7 @@ def run_set(engine, items, steps: int | None, size: str, guidance: float | None 
             "expected": {"background": scene.background, "colour": scene.groups[0].colour,
                          "count": scene.groups[0].count},
             "read": {"background": reading.background, "colour": reading.colour, "count": reading.count,
-                     "colours": list(reading.colours)},
+                     "colours": list(reading.colours), "centre": reading.centre},
             "ok": score(scene, reading), "checker_on_truth": score(scene, truth),
         })
     return rows
@@ -94,7 +98,10 @@ def run_set(engine, items, steps: int | None, size: str, guidance: float | None 
 
 def rates(rows: list[dict], key: str = "ok") -> dict[str, float]:
     n = max(1, len(rows))
-    return {k: sum(r[key][k] for r in rows) / n for k in ("background", "colour", "count")}
+    out = {k: sum(r[key][k] for r in rows) / n for k in ("background", "colour", "count")}
+    placed = [r[key]["position"] for r in rows if r[key].get("position") is not None]
+    out["position"] = sum(placed) / max(1, len(placed))  # of the prompts that name a position
+    return out
 
 
 def speed(engine, runs: int) -> dict:
@@ -127,13 +134,16 @@ def render_md(res: dict) -> str:
         f"and {res['n_control']} in-distribution ones, 512x512, {res['steps']} steps, guidance {res['guidance']} "
         f"({res['settings']}), seed = "
         "index, through `Engine.generate`; read back with `kiln.training.world.classify`.", "",
-        "| set | n | background right | shape colour right | count right |", "|---|---:|---:|---:|---:|",
+        "| set | n | background right | shape colour right | count right | position right |",
+        "|---|---:|---:|---:|---:|---:|",
         f"| **held out** (never in training) | {res['n']} | **{held['background']:.1%}** | **{held['colour']:.1%}** | "
-        f"{held['count']:.1%} |",
+        f"{held['count']:.1%} | {held['position']:.1%} |",
         f"| in distribution (control) | {res['n_control']} | {ctrl['background']:.1%} | {ctrl['colour']:.1%} | "
-        f"{ctrl['count']:.1%} |",
+        f"{ctrl['count']:.1%} | {ctrl['position']:.1%} |",
         f"| checker on the true renders of the held-out scenes | {res['n']} | {truth['background']:.1%} | "
-        f"{truth['colour']:.1%} | {truth['count']:.1%} |",
+        f"{truth['colour']:.1%} | {truth['count']:.1%} | {truth['position']:.1%} |",
+        "", "Position right: of the prompts that name a position, the read centre of the shape colour within "
+        "0.15 of the image of the shapes' own centre (`world.at_position`).",
         "", f"Targets: background >= {TARGETS['background']:.0%}, shape colour >= {TARGETS['colour']:.0%}: "
         f"**{'met' if res['targets_met'] else 'NOT met'}**.", "",
         "By kind of held-out combination:", "", "| kind | n | background | colour | count |", "|---|---:|---:|---:|---:|",

@@ -62,6 +62,26 @@ def test_classify_reads_sampled_scenes_at_full_size(width, height):
         assert read(world.render(scene, width, height)) == truth(scene), scene
 
 
+@pytest.mark.parametrize("width,height", [(128, 128), (512, 512), (160, 96)])
+def test_classify_reads_where_the_shapes_stand(width, height):
+    named = [s for s in sampled(13, 120, two_groups=0) if s.groups[0].position is not None]
+    assert len(named) > 40
+    for scene in named:
+        assert world.at_position(scene, world.classify(world.render(scene, width, height))) is True, scene
+
+
+def test_a_shape_elsewhere_is_not_at_its_position():
+    group = Group("circle", "red", "medium", 1, "top left", (POSITIONS["top left"],))
+    moved = Scene("blue", (Group("circle", "red", "medium", 1, "top left", (POSITIONS["bottom right"],)),))
+    reading = world.classify(world.render(moved, 256, 256))
+    assert reading.centre[0] > 0.6 and reading.centre[1] > 0.6
+    assert world.at_position(Scene("blue", (group,)), reading) is False
+    assert world.at_position(moved, reading) is True
+    unnamed = Scene("blue", (Group("circle", "red", "medium", 1, None, ((0.5, 0.5),)),))
+    assert world.at_position(unnamed, reading) is None
+    assert world.at_position(Scene("blue", (group,)), world.classify(world.render(Scene("blue", ()), 64, 64))) is False
+
+
 @pytest.mark.parametrize("i", range(len(NAMES)))
 def test_classify_reads_every_background_colour(i):
     """Each colour as the background, and (rotated by three) each colour as the shape."""

@@ -268,6 +268,8 @@ class Reading:
     # non-background colours covering a noticeable area, largest first; soft edges between two colours
     # can add a third (a blend nearest to it), so this is a superset of the shapes' colours
     colours: tuple[str, ...]
+    # where that colour is: the centre of its pixels as fractions of the width and height (x, y)
+    centre: tuple[float, float] | None = None
 
 
 _NAMES = list(COLOURS)
@@ -284,7 +286,8 @@ def nearest_colours(pixels: np.ndarray) -> np.ndarray:
 def classify(image: Image.Image, *, size: int = 128) -> Reading:
     """Background = the commonest named colour of the border; colour = the commonest other named colour
     (at least 0.2% of the shorter side squared, about a third of the smallest shape); count = its
-    connected regions of at least 0.15% of that (specks of noise are not shapes)."""
+    connected regions of at least 0.15% of that (specks of noise are not shapes); centre = the mean
+    position of that colour's pixels."""
     from scipy import ndimage
 
     img = image.convert("RGB")
@@ -307,4 +310,24 @@ def classify(image: Image.Image, *, size: int = 128) -> Reading:
     labels, n = ndimage.label(idx == fg)
     sizes = np.bincount(labels.ravel())[1:] if n else np.array([])
     count = int((sizes >= 0.0015 * ref).sum())
-    return Reading(_NAMES[bg], _NAMES[fg], count, tuple(_NAMES[i] for i in present))
+    ys, xs = np.nonzero(idx == fg)
+    centre = ((float(xs.mean()) + 0.5) / w, (float(ys.mean()) + 0.5) / h)
+    return Reading(_NAMES[bg], _NAMES[fg], count, tuple(_NAMES[i] for i in present), centre)
+
+
+POSITION_TOLERANCE = 0.15
+"""How far (as a fraction of the image) a read centre may be from the shapes' own and still be "at"
+the named position: half the distance between two neighbouring named positions (0.28) and a little."""
+
+
+def at_position(scene: Scene, reading: Reading) -> bool | None:
+    """Whether the first group's shapes stand where the scene put them (its named position); None when
+    the scene names no position. Compares the read centre with the mean of the shapes' centres."""
+    group = scene.groups[0]
+    if group.position is None:
+        return None
+    if reading.centre is None:
+        return False
+    tx = sum(x for x, _ in group.centres) / len(group.centres)
+    ty = sum(y for _, y in group.centres) / len(group.centres)
+    return math.dist(reading.centre, (tx, ty)) <= POSITION_TOLERANCE
