@@ -2,7 +2,7 @@
 
 Usage::
 
-    python -m kiln.training.mini --out kiln/weights/flux-mini      # ~55 min on 2 CPU cores
+    python -m kiln.training.mini --out kiln/weights/flux-mini      # about an hour on 2 CPU cores
     python -m kiln.training.mini --out /tmp/mini --scale 0.1         # a quick smoke run
 
 Everything is seeded (``--seed``); stages write into ``--work`` so that a later stage can be re-run
@@ -32,8 +32,11 @@ Choices, and why:
   ``FluxPipeline.from_pretrained``) and brings tens of megabytes for a vocabulary of fifty words; the
   joint encoders keep the checkpoint a standard FLUX.1 one and learn exactly the binding of colours,
   shapes, counts and positions the world needs.
-- **Transformer**: ``FluxTransformer2DModel`` (2 double + 4 single blocks, width 128, no guidance
-  embedding, like schnell), rectified flow (target = noise - data), timesteps from a logit-normal
+- **Transformer**: ``FluxTransformer2DModel`` (2 double + 4 single blocks, width 128 as two heads of
+  64, no guidance embedding, like schnell), rectified flow (target = noise - data). Its first 1500
+  steps see only single shapes at named positions, captioned in the canonical form: trained on the
+  mixture from the start, it never learned where a prompt puts things (:func:`train_transformer`
+  says what was measured). Timesteps from a logit-normal
   mixed with uniform and shifted toward noise as the sampler's schedule is, 10% empty captions (which the model learns as "anything": the catalog uses it
   for true classifier-free guidance), and an EMA of the weights. The loss weighs each latent pixel
   by how far it is from the image's background (up to 5x): shapes are a few pixels of a mostly flat
