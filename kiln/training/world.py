@@ -268,8 +268,9 @@ class Reading:
     # non-background colours covering a noticeable area, largest first; soft edges between two colours
     # can add a third (a blend nearest to it), so this is a superset of the shapes' colours
     colours: tuple[str, ...]
-    # where that colour is: the centre of its pixels as fractions of the width and height (x, y)
-    centre: tuple[float, float] | None = None
+    # where that colour is: the centre of its pixels as fractions of the width and height (x, y); a
+    # measurement, not part of what the image is read as, so two readings compare equal without it
+    centre: tuple[float, float] | None = field(default=None, compare=False)
 
 
 _NAMES = list(COLOURS)
