@@ -2,8 +2,8 @@
 
 Usage::
 
-    python bench/queue.py            # ~1 minute on 2 cores; writes bench/results/queue-<date>.{json,md}
-    python bench/queue.py --quick    # a sanity run, prints only
+    python bench/queue_overhead.py            # ~1 minute on 2 cores; writes bench/results/queue-<date>.{json,md}
+    python bench/queue_overhead.py --quick    # a sanity run, prints only
 
 No engine, no HTTP, no storage: what a job costs the queue alone. Each broker is the one
 ``kiln.server.make_broker`` builds (SQLite: a file in a temp folder, WAL; Redis: a ``redis-server`` this
@@ -33,11 +33,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-# this file is named queue.py: run as a script, its folder would come first on sys.path and shadow the
-# standard library's queue (which redis and threading users import)
-_HERE = Path(__file__).resolve().parent
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _HERE]
-sys.path.insert(0, str(_HERE.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import argparse
 import datetime as dt
@@ -241,7 +237,7 @@ def main() -> None:
             f"| {lat['submit_to_claim_ms']['median']:.2f} | {lat['submit_to_claim_ms']['p99']:.2f} "
             f"| {lat['submit_ms']['median']:.2f} / {lat['claim_ms']['median']:.2f} / {lat['complete_ms']['median']:.2f} "
             f"| {lat['added_per_job_ms']:.2f} |")
-    md = (f"# bench/queue.py, {dt.date.today().isoformat()}\n\n"
+    md = (f"# bench/queue_overhead.py, {dt.date.today().isoformat()}\n\n"
           f"No-op jobs (submit, claim, complete); {args.jobs} jobs per throughput run, {args.latency_jobs} "
           f"per latency run at one submit every {args.gap_ms:g} ms; workers are threads. Redis {server.version}, "
           "no persistence. Targets (issue 7): >= 500 jobs/s, <= 2 ms added per job through Redis.\n\n"
