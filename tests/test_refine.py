@@ -146,17 +146,21 @@ def test_upscale_redraws_rather_than_only_resizing(engine):
     upscaled = engine.generate(request(seed=5, upscale=2))
     resized = np.asarray(base.resize((128, 128), Image.Resampling.LANCZOS), dtype=np.int16)
     difference = np.abs(pixels(upscaled) - resized).mean()
-    # changed by the img2img pass, yet still the same picture (a low-strength redraw, not a new one)
-    assert 1.0 < difference < 16.0
+    # changed by the img2img pass, yet still the same picture (a low-strength redraw, not a new one).
+    # A resize alone differs by 0; flux/mini's flat background barely moves under a redraw, so the mean
+    # change is small (0.8-1.3 over seeds 1-7 with the 2026-12-05 weights)
+    assert 0.3 < difference < 16.0
 
 
 def test_latent_upscale_and_detail_change_the_picture(engine):
     base = engine.generate(request(seed=5)).outputs[0].image
     detailed = engine.generate(request(seed=5, detail_enhance=True, detail_strength=0.8))
-    assert np.abs(pixels(detailed) - np.asarray(base, dtype=np.int16)).mean() > 0.5
+    # without the pass both differences would be 0; measured 0.16-0.28 (detail) and 0.8-1.3 (latent)
+    # over seeds 1-7, most of the picture being a flat background the redraw keeps
+    assert np.abs(pixels(detailed) - np.asarray(base, dtype=np.int16)).mean() > 0.08
     latent = engine.generate(request(seed=5, latent_upscale=2))
     resized = np.asarray(base.resize((128, 128), Image.Resampling.LANCZOS), dtype=np.int16)
-    assert np.abs(pixels(latent) - resized).mean() > 0.5
+    assert np.abs(pixels(latent) - resized).mean() > 0.3
 
 
 @pytest.mark.parametrize(("controls", "encodes", "decodes"), [
