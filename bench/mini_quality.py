@@ -13,7 +13,9 @@ through the engine exactly as the server does (``Engine.generate``, catalog mode
 512x512, its default steps, seed = index), and read back by ``world.classify`` (border colour,
 dominant other colour, connected regions, where that colour stands). Targets: background right
 >= 90 %, shape colour right >= 80 %; the count is reported too, and the position (of the prompts that
-name one: the read centre within 0.15 of the image of the shapes' own, ``world.at_position``). A control set of in-distribution prompts (combinations training
+name one: the read centre within 0.15 of the image of the shapes' own, ``world.at_position``), and the
+shape (the largest region of that colour, ``world.read_shape``). A control set of in-distribution
+prompts (combinations training
 did show) is scored the same way, and the checker is scored on the ground-truth renders of the
 held-out scenes (it must be ~100 %, or the numbers above mean nothing).
 
@@ -58,6 +60,7 @@ def score(scene, reading) -> dict:
         "background": reading.background == scene.background,
         "colour": reading.colour == group.colour,
         "count": reading.count == group.count,
+        "shape": reading.shape == group.shape,
         "position": world.at_position(scene, reading),  # None: the prompt names no position
     }
 
@@ -88,9 +91,9 @@ def run_set(engine, items, steps: int | None, size: str, guidance: float | None 
         rows.append({
             "prompt": world.prompt(scene), "seed": i, "held_out": held_out_kind(scene),
             "expected": {"background": scene.background, "colour": scene.groups[0].colour,
-                         "count": scene.groups[0].count},
+                         "count": scene.groups[0].count, "shape": scene.groups[0].shape},
             "read": {"background": reading.background, "colour": reading.colour, "count": reading.count,
-                     "colours": list(reading.colours), "centre": reading.centre},
+                     "colours": list(reading.colours), "centre": reading.centre, "shape": reading.shape},
             "ok": score(scene, reading), "checker_on_truth": score(scene, truth),
         })
     return rows
@@ -98,7 +101,7 @@ def run_set(engine, items, steps: int | None, size: str, guidance: float | None 
 
 def rates(rows: list[dict], key: str = "ok") -> dict[str, float]:
     n = max(1, len(rows))
-    out = {k: sum(r[key][k] for r in rows) / n for k in ("background", "colour", "count")}
+    out = {k: sum(r[key][k] for r in rows) / n for k in ("background", "colour", "count", "shape")}
     placed = [r[key]["position"] for r in rows if r[key].get("position") is not None]
     out["position"] = sum(placed) / max(1, len(placed))  # of the prompts that name a position
     return out
@@ -134,16 +137,23 @@ def render_md(res: dict) -> str:
         f"and {res['n_control']} in-distribution ones, 512x512, {res['steps']} steps, guidance {res['guidance']} "
         f"({res['settings']}), seed = "
         "index, through `Engine.generate`; read back with `kiln.training.world.classify`.", "",
-        "| set | n | background right | shape colour right | count right | position right |",
-        "|---|---:|---:|---:|---:|---:|",
+        "| set | n | background right | shape colour right | count right | position right | shape right |",
+        "|---|---:|---:|---:|---:|---:|---:|",
         f"| **held out** (never in training) | {res['n']} | **{held['background']:.1%}** | **{held['colour']:.1%}** | "
-        f"{held['count']:.1%} | {held['position']:.1%} |",
+        f"{held['count']:.1%} | {held['position']:.1%} | {held['shape']:.1%} |",
         f"| in distribution (control) | {res['n_control']} | {ctrl['background']:.1%} | {ctrl['colour']:.1%} | "
-        f"{ctrl['count']:.1%} | {ctrl['position']:.1%} |",
+        f"{ctrl['count']:.1%} | {ctrl['position']:.1%} | {ctrl['shape']:.1%} |",
         f"| checker on the true renders of the held-out scenes | {res['n']} | {truth['background']:.1%} | "
-        f"{truth['colour']:.1%} | {truth['count']:.1%} | {truth['position']:.1%} |",
+        f"{truth['colour']:.1%} | {truth['count']:.1%} | {truth['position']:.1%} | {truth['shape']:.1%} |",
         "", "Position right: of the prompts that name a position, the read centre of the shape colour within "
-        "0.15 of the image of the shapes' own centre (`world.at_position`).",
+        "0.15 of the image of the shapes' own centre (`world.at_position`). Shape right: the largest region "
+        "of the shape colour read as the prompt's shape (`world.read_shape`: solidity, then roundness); "
+        "a model that drew one kind of blob every time would score about 25%, so the table below says "
+        "what each shape was read as.", "",
+        "Held out, shape asked (rows) against shape read (columns):", "",
+        "| asked | " + " | ".join(res["shape_names"]) + " | none |", "|---|" + "---:|" * (len(res["shape_names"]) + 1),
+        *(f"| {asked} | " + " | ".join(str(row.get(read, 0)) for read in [*res["shape_names"], "none"]) + " |"
+          for asked, row in res["shapes_read"].items()),
         "", f"Targets: background >= {TARGETS['background']:.0%}, shape colour >= {TARGETS['colour']:.0%}: "
         f"**{'met' if res['targets_met'] else 'NOT met'}**.", "",
         "By kind of held-out combination:", "", "| kind | n | background | colour | count |", "|---|---:|---:|---:|---:|",
@@ -175,6 +185,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from kiln.catalog import load_catalog
     from kiln.engine import Engine
+    from kiln.training import world
 
     load_start = load_average()
     engine = Engine(load_catalog())
@@ -193,7 +204,11 @@ def main(argv: list[str] | None = None) -> int:
             miss[f"{r['expected']['colour']} read as {r['read']['colour']}"] += 1
         if not r["ok"]["background"]:
             miss[f"background {r['expected']['background']} read as {r['read']['background']}"] += 1
+    shapes_read: dict[str, Counter] = {name: Counter() for name in world.SHAPES}
+    for r in held:
+        shapes_read[r["expected"]["shape"]][r["read"]["shape"] or "none"] += 1
     res = {
+        "shape_names": list(world.SHAPES), "shapes_read": {k: dict(v) for k, v in shapes_read.items()},
         "date": dt.date.today().strftime("%Y%m%d"), "quick": args.quick, "n": len(held), "n_control": len(control),
         "steps": args.steps or spec.steps.default, "guidance": args.guidance or spec.guidance.value,
         "settings": "the model's defaults" if args.steps is None and args.guidance is None else "set on the command line",

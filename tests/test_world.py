@@ -113,6 +113,26 @@ def test_classify_finds_a_small_star_on_a_wide_canvas(colour, background, centre
     assert read(world.render(scene, 1024, 576)) == (background, colour, 1)
 
 
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("size", list(SIZES))
+def test_classify_reads_the_shape(shape, size):
+    """Every shape at every size, tilted both ways, on square and wide canvases: the smallest case is a
+    small shape on a 576-pixel side."""
+    for rotation, (width, height) in [(-0.2, (512, 512)), (0.2, (1024, 576)), (0.1, (576, 1024)), (0.0, (1024, 1024))]:
+        scene = single("white", shape, "blue", [(0.45, 0.55)], size=size, rotation=rotation)
+        assert world.classify(world.render(scene, width, height)).shape == shape, (rotation, width, height)
+
+
+def test_a_blob_is_no_star_and_a_speck_has_no_shape():
+    yy, xx = np.mgrid[:256, :256]
+    ellipse = ((xx - 128) / 60) ** 2 + ((yy - 120) / 45) ** 2 <= 1  # solid: no star; 0.75 round: a square
+    assert world.read_shape(ellipse) == "square"
+    disc = ((xx - 128) / 60) ** 2 + ((yy - 120) / 56) ** 2 <= 1
+    assert world.read_shape(disc) == "circle"
+    assert world.read_shape(np.pad(np.ones((5, 5), bool), 20)) is None  # under SHAPE_MIN_PIXELS
+    assert world.read_shape(np.zeros((64, 64), bool)) is None
+
+
 @pytest.mark.parametrize("background", NAMES)
 def test_classify_plain_background_has_no_shape(background):
     for width, height in [(128, 128), (1024, 576)]:

@@ -271,6 +271,9 @@ class Reading:
     # where that colour is: the centre of its pixels as fractions of the width and height (x, y); a
     # measurement, not part of what the image is read as, so two readings compare equal without it
     centre: tuple[float, float] | None = field(default=None, compare=False)
+    # what the largest region of that colour looks like (one of SHAPES, by :func:`read_shape`); None when
+    # there is no colour or the region is too small to tell. A measurement too, outside equality
+    shape: str | None = field(default=None, compare=False)
 
 
 _NAMES = list(COLOURS)
@@ -313,7 +316,58 @@ def classify(image: Image.Image, *, size: int = 128) -> Reading:
     count = int((sizes >= 0.0015 * ref).sum())
     ys, xs = np.nonzero(idx == fg)
     centre = ((float(xs.mean()) + 0.5) / w, (float(ys.mean()) + 0.5) / h)
-    return Reading(_NAMES[bg], _NAMES[fg], count, tuple(_NAMES[i] for i in present), centre)
+    shape = _shape_of(image, fg)
+    return Reading(_NAMES[bg], _NAMES[fg], count, tuple(_NAMES[i] for i in present), centre, shape)
+
+
+SHAPE_MIN_PIXELS = 40
+"""A region smaller than this (a disc about 7 pixels across) is not given a shape."""
+
+SHAPE_SIDE = 256
+"""The shorter side the shape is read at: a small shape on a 576-pixel side is then ~20 pixels across."""
+
+
+def _shape_of(image: Image.Image, colour: int) -> str | None:
+    """:func:`read_shape` of the largest region of ``colour`` (an index into :data:`COLOURS`)."""
+    from scipy import ndimage
+
+    img = image.convert("RGB")
+    if min(img.size) > SHAPE_SIDE:
+        scale = SHAPE_SIDE / min(img.size)
+        img = img.resize((round(img.width * scale), round(img.height * scale)), Image.BILINEAR)
+    labels, n = ndimage.label(nearest_colours(np.asarray(img)) == colour)
+    if not n:
+        return None
+    return read_shape(labels == int(np.bincount(labels.ravel())[1:].argmax()) + 1)
+
+
+def read_shape(region: np.ndarray) -> str | None:
+    """Which of :data:`SHAPES` a boolean mask's region is, from two plain measures: *solidity* (its area
+    over its convex hull's) separates the star (0.56 for a five-point star with inner radius 0.45, the
+    others near 1); *roundness* (its area over the disc through its farthest pixel from its centroid)
+    separates the rest: circle 1, square 2/pi = 0.64, triangle about 0.41. Thresholds sit half-way.
+    A blob comes out as whatever it is closest to, usually a circle or a square."""
+    from scipy.spatial import ConvexHull, QhullError
+
+    ys, xs = np.nonzero(region)
+    area = len(xs)
+    if area < SHAPE_MIN_PIXELS:
+        return None
+    # pixel corners, so the hull covers whole pixels as the area counts them
+    cx = np.concatenate([xs, xs + 1, xs, xs + 1]).astype(np.float64)
+    cy = np.concatenate([ys, ys, ys + 1, ys + 1]).astype(np.float64)
+    try:
+        hull = ConvexHull(np.stack([cx, cy], 1)).volume  # in 2-D, volume is the area
+    except QhullError:  # every pixel on one line
+        return None
+    if area / hull < 0.78:
+        return "star"
+    mx, my = xs.mean() + 0.5, ys.mean() + 0.5
+    reach = float(np.sqrt((cx - mx) ** 2 + (cy - my) ** 2).max())
+    roundness = area / (math.pi * reach * reach)
+    if roundness >= 0.80:
+        return "circle"
+    return "square" if roundness >= 0.52 else "triangle"
 
 
 POSITION_TOLERANCE = 0.15
