@@ -654,6 +654,43 @@ def test_warm_up_measures_the_default_model_before_ready(tmp_path, engine, warmu
         worker.stop()
 
 
+def test_a_sync_request_sent_while_the_worker_starts_waits_for_it(tmp_path, engine, monkeypatch):
+    """Right after ``kiln serve`` the worker is still loading and warming up its default model: a sync
+    request then waits for it (slow, not 503), even with no sync wait at all."""
+    import threading
+
+    from helpers import until
+    from kiln.worker import Worker
+
+    release = threading.Event()
+    warm_up = Worker._warm_up
+    monkeypatch.setattr(Worker, "_warm_up", lambda self, spec: release.wait(60) and warm_up(self, spec))
+    with running_server(tmp_path, engine, sync_wait_s=0.0) as srv:
+        worker = srv.services.worker
+        assert worker.starting and not worker.alive
+        threading.Thread(target=lambda: until(lambda: worker._sync, what="the sync request") and release.set(),
+                         daemon=True).start()
+        r = srv.client.post("/image/flux/dev/t2i?format=toy-64", json={**PROMPT, "steps": 15}, headers=srv.auth)
+        assert r.status_code == 200, r.text
+        assert worker.alive and not worker.starting
+
+
+def test_a_sync_request_waits_for_a_start_up_only_so_long(monkeypatch):
+    import asyncio
+
+    from kiln.api import handoff
+    from kiln.engine import GenerationRequest
+    from kiln.errors import CapacityExhausted
+
+    class Starting(StalledWorker):
+        starting = True  # forever: a preload that hangs
+
+    monkeypatch.setattr(handoff, "STARTUP_WAIT_S", 0.3)
+    request = GenerationRequest.create(family="flux", model="dev", task="t2i", format="toy-64", prompt="a red circle")
+    with pytest.raises(CapacityExhausted):
+        asyncio.run(handoff.run_sync(Starting(), request, wait_s=0.0, retry_after=5))
+
+
 def test_a_real_worker_busy_with_a_job_answers_sync_with_503(tmp_path, engine):
     with running_server(tmp_path, engine, sync_wait_s=0.05) as srv:
         job = srv.client.post("/queue", json=queue_body(steps=50, format="512"), headers=srv.auth).json()

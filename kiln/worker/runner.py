@@ -65,6 +65,9 @@ class SyncTicket:
 STEP_WAIT_S = 60.0
 IDLE_POLL_S = 0.5  # the longest an idle worker goes without asking the broker (leases expire, bells get lost)
 HOLDINGS_TTL_S = 5.0  # how long the list of held models and LoRAs is reused between claims
+STARTUP_WAIT_S = 300.0
+"""How long a sync request waits for a starting worker (loading and warming up its default model)
+before its own ``wait_s`` counts: a request sent right after ``kiln serve`` starts is slow, not 503."""
 
 
 def capacity_exhausted(retry_after: int) -> CapacityExhausted:
@@ -100,6 +103,7 @@ class Worker(JobRuns):
         self.seconds_per_unit: dict[str, float] = {}
         self.alive = False
         self.ready = False  # alive and the default model loaded
+        self.starting = False  # started, still loading and warming up what it preloads
         self._holdings: tuple[float, list[str]] = (-HOLDINGS_TTL_S, [])
         self.finishing = Finishing()  # encoding, storing and recording jobs, off this thread (kiln.worker.jobs)
 
@@ -107,6 +111,7 @@ class Worker(JobRuns):
 
     def start(self) -> None:
         self.broker.recover()
+        self.starting = True
         self._thread = threading.Thread(target=self._loop, name="kiln-worker", daemon=True)
         self._thread.start()
 
@@ -184,11 +189,18 @@ class Worker(JobRuns):
         """Blocking form of :meth:`submit_sync` for threads: the result, or :class:`CapacityExhausted`
         if the worker cannot start it within ``wait_s``."""
         ticket = self.submit_sync(request, **kwargs)
-        try:
-            ticket.started.result(timeout=wait_s)
-        except FutureTimeout:
-            if self.withdraw(ticket):
-                raise capacity_exhausted(retry_after) from None
+        began, timeout = time.monotonic(), wait_s
+        while True:
+            try:
+                ticket.started.result(timeout=timeout)
+                break
+            except FutureTimeout:
+                if self.starting and time.monotonic() - began < STARTUP_WAIT_S:
+                    timeout = max(wait_s, 0.1)  # a start-up, not a full tier: keep waiting
+                    continue
+                if self.withdraw(ticket):
+                    raise capacity_exhausted(retry_after) from None
+                break
         return ticket.done.result()
 
     # --- the loop ----------------------------------------------------------------------------------
@@ -207,7 +219,7 @@ class Worker(JobRuns):
             except Exception:  # a bug in loading or warming up must not end the worker before it starts
                 self.ready = False
                 log.exception("could not preload %s", key)
-        self.alive = True
+        self.alive, self.starting = True, False
         try:
             while True:
                 try:
