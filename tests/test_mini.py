@@ -180,3 +180,8 @@ def test_the_training_script_runs_end_to_end(tmp_path):
     assert image.size == (128, 128)
     assert (tmp_path / "out" / "lora" / "pastel" / "pastel.safetensors").is_file()
     assert report["parameters"]["total"] == sum(report["parameters"][k] for k in ("transformer", "vae", "clip", "t5"))
+    assert set(report["vae_check"]) >= {"background", "colour", "count", "shape"}
+    # resumed after the VAE stage: the VAE comes from --work, and so does its record
+    again = mini.train(tmp_path / "out2", tmp_path / "work", seed=1, scale=0.003, from_stage=2)
+    assert again["vae"]["final_loss"] == report["vae"]["final_loss"] and again["vae"]["reused"]
+    assert again["timings"]["vae_s"] == report["timings"]["vae_s"]

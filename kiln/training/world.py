@@ -150,7 +150,7 @@ def _cluster(rng, anchor, count, extent) -> list[tuple[float, float]]:
     # move the whole cluster inward until every shape fits on the canvas
     ax = min(hi - max(dx for dx, _ in offsets) * step, max(lo - min(dx for dx, _ in offsets) * step, ax))
     ay = min(hi - max(dy for _, dy in offsets) * step, max(lo - min(dy for _, dy in offsets) * step, ay))
-    jitter = lambda: rng.uniform(-0.02, 0.02)  # noqa: E731
+    jitter = lambda: rng.uniform(-0.02, 0.02)
     return [(ax + dx * step + jitter(), ay + dy * step + jitter()) for dx, dy in offsets]
 
 
