@@ -420,6 +420,17 @@ def test_stream_shows_a_held_job_step_by_step(client, engine):
     assert max(e.step for e in seen if isinstance(e, kc.Progress)) == 4
 
 
+def test_wait_times_out_even_while_events_keep_coming(server):
+    """The deadline is wall-clock: a stream whose events keep arriving (no read ever times out) still
+    ends wait() once the time is up, and the job goes on."""
+    ticks = iter(range(1000))
+    client = make_client(server, clock=lambda: float(next(ticks)))  # every look at the clock: 1 s later
+    job = client.submit("a red circle", **MINI)
+    with pytest.raises(TimeoutError):
+        client.wait(job, timeout=2.5)
+    assert make_client(server).wait(job).status == "complete"
+
+
 def test_idempotent_submissions_make_one_job(client):
     first = client.submit("a red circle", idempotency_key="same-1", **MINI)
     again = client.submit("a red circle", idempotency_key="same-1", **MINI)

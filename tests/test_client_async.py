@@ -156,6 +156,21 @@ def test_fallback_to_async(tight, engine):
     assert out.job_id is not None and out.seed == 11 and out.timing == {} and out.data[:4] == b"RIFF"
 
 
+def test_wait_times_out_even_while_events_keep_coming(server):
+    """As the sync client: the deadline holds while the stream keeps bringing events."""
+    ticks = iter(range(1000))
+
+    async def go():
+        async with make_client(server, clock=lambda: float(next(ticks))) as c:  # each look: 1 s later
+            job = await c.submit("a red circle", **MINI)
+            with pytest.raises(TimeoutError):
+                await c.wait(job, timeout=2.5)
+        async with make_client(server) as c:
+            return await c.wait(job)
+
+    assert asyncio.run(go()).status == "complete"
+
+
 def test_submit_stream_wait_cancel_upload_and_discovery(server, busy):
     async def go():
         async with make_client(server) as c:

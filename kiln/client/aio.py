@@ -147,6 +147,9 @@ class AsyncClient:
                         yield event
                         if event.terminal:
                             return
+                        if deadline is not None and self._clock() >= deadline:
+                            # a stream that keeps bringing news never times out a read: check here too
+                            raise TimeoutError(f"job {job_id} did not finish in time")
                 finally:
                     await response.aclose()
                 lost: KilnAPIError = ConnectionFailed(f"the event stream of job {job_id} ended before the job did")
