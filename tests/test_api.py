@@ -681,11 +681,13 @@ def test_a_sync_request_waits_for_a_start_up_only_so_long(monkeypatch):
     from kiln.api import handoff
     from kiln.engine import GenerationRequest
     from kiln.errors import CapacityExhausted
+    from kiln.worker import runner
 
     class Starting(StalledWorker):
         starting = True  # forever: a preload that hangs
+        still_starting = runner.Worker.still_starting
 
-    monkeypatch.setattr(handoff, "STARTUP_WAIT_S", 0.3)
+    monkeypatch.setattr(runner, "STARTUP_WAIT_S", 0.3)
     request = GenerationRequest.create(family="flux", model="dev", task="t2i", format="toy-64", prompt="a red circle")
     with pytest.raises(CapacityExhausted):
         asyncio.run(handoff.run_sync(Starting(), request, wait_s=0.0, retry_after=5))

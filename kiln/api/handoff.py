@@ -7,7 +7,6 @@ import time
 from typing import Any
 
 from kiln.worker import capacity_exhausted
-from kiln.worker.runner import STARTUP_WAIT_S
 
 
 async def run_sync(worker: Any, request: Any, *, wait_s: float, retry_after: int, **kwargs: Any) -> Any:
@@ -27,7 +26,8 @@ async def run_sync(worker: Any, request: Any, *, wait_s: float, retry_after: int
             break
         except TimeoutError:
             # a worker still loading its default model is starting, not full: keep waiting (bounded)
-            if getattr(worker, "starting", False) and time.monotonic() - began < STARTUP_WAIT_S:
+            still_starting = getattr(worker, "still_starting", None)  # a remote worker has no start-up here
+            if still_starting is not None and still_starting(began):
                 timeout = max(wait_s, 0.1)  # wait_s may be 0: no busy loop on the event loop
                 continue
             if worker.withdraw(ticket):

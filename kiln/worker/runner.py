@@ -195,13 +195,18 @@ class Worker(JobRuns):
                 ticket.started.result(timeout=timeout)
                 break
             except FutureTimeout:
-                if self.starting and time.monotonic() - began < STARTUP_WAIT_S:
+                if self.still_starting(began):
                     timeout = max(wait_s, 0.1)  # a start-up, not a full tier: keep waiting
                     continue
                 if self.withdraw(ticket):
                     raise capacity_exhausted(retry_after) from None
                 break
         return ticket.done.result()
+
+    def still_starting(self, began: float) -> bool:
+        """Whether a sync request waiting since ``began`` (``time.monotonic()``) should keep waiting for
+        this worker's start-up (``STARTUP_WAIT_S`` at most) rather than be refused."""
+        return self.starting and time.monotonic() - began < STARTUP_WAIT_S
 
     # --- the loop ----------------------------------------------------------------------------------
 
