@@ -61,6 +61,9 @@ class StalledWorker:
     def withdraw(self, ticket):
         return True
 
+    def still_starting(self, began):
+        return False
+
     def wake(self):
         pass
 

@@ -26,8 +26,7 @@ async def run_sync(worker: Any, request: Any, *, wait_s: float, retry_after: int
             break
         except TimeoutError:
             # a worker still loading its default model is starting, not full: keep waiting (bounded)
-            still_starting = getattr(worker, "still_starting", None)  # a remote worker has no start-up here
-            if still_starting is not None and still_starting(began):
+            if worker.still_starting(began):
                 timeout = max(wait_s, 0.1)  # wait_s may be 0: no busy loop on the event loop
                 continue
             if worker.withdraw(ticket):

@@ -35,6 +35,10 @@ class WorkerHandle(Protocol):
 
     def withdraw(self, ticket: Any) -> bool: ...
 
+    def still_starting(self, began: float) -> bool:
+        """Whether a sync request waiting since ``began`` should keep waiting for this worker's start-up."""
+        ...
+
     def wake(self) -> None: ...
 
 

@@ -34,6 +34,9 @@ class NoWorker:
     def withdraw(self, ticket) -> bool:
         return True
 
+    def still_starting(self, began: float) -> bool:
+        return False
+
     def wake(self) -> None:
         pass  # workers on other machines poll Redis
 
