@@ -1,4 +1,4 @@
-"""The four latent probes of mini-dcae-full-run-20261206.md, as run (four scripts).
+"""The latent probes and timings of mini-dcae-full-run-20261206.md, as run (five scripts).
 
 robust.py, shift.py and stats.py ran with the patch applied (expose_latents); DC weights at /tmp/full/out (the full run), the
 committed ones copied to /tmp/old-weights while the run's weights sat in kiln/weights/flux-mini; predict.py ran after
@@ -107,3 +107,33 @@ for name, cls, path in [("dc", AutoencoderDC, "kiln/weights/flux-mini/vae"), ("t
     frac = (bgdiff.mean(1) > 0.5).float().mean().item()
     w = mini.shape_weight(z)
     print(name, "std/ch", np.round(std_c.numpy(), 2), "\n mean/ch", np.round(mean_c.numpy(), 2), "\n neighbour diff", round(dx, 3), "frac non-bg", round(frac, 3), "weight mean", round(w.mean().item(), 2))
+
+# ==== dc_time.py (timings of untrained AutoencoderDC variants and the committed AutoencoderTiny) ====
+import time, torch
+from diffusers import AutoencoderDC
+torch.set_num_threads(2); torch.manual_seed(0)
+def build(enc_layers=(1,)*6, w=(16,32,32,32,32,32)):
+    return AutoencoderDC(in_channels=3, latent_channels=16, encoder_block_types="ResBlock", decoder_block_types="ResBlock",
+        encoder_block_out_channels=w, decoder_block_out_channels=w, encoder_layers_per_block=enc_layers, decoder_layers_per_block=(1,)*6,
+        encoder_qkv_multiscales=((),)*6, decoder_qkv_multiscales=((),)*6, upsample_block_type="pixel_shuffle",
+        downsample_block_type="pixel_unshuffle", decoder_norm_types="rms_norm", decoder_act_fns="silu", scaling_factor=1.0).eval()
+x = torch.randn(8,3,512,512)
+for name, v in [("base", build()), ("enc0", build(enc_layers=(0,1,1,1,1,1)))]:
+    with torch.no_grad():
+        v.encode(x[:1]); t=time.time(); z=v.encode(x).latent; te=(time.time()-t)/8
+        t=time.time(); v.decode(z); td=(time.time()-t)/8
+    xc = torch.randn(8,3,128,128); v.train(); t=time.time()
+    for _ in range(3):
+        z=v.encode(xc).latent; y=v.decode(z).sample; y.mean().backward()
+    ts=(time.time()-t)/3
+    print(name, sum(p.numel() for p in v.parameters()), f"enc/img {te*1000:.0f}ms dec/img {td*1000:.0f}ms train step {ts:.2f}s")
+from diffusers import AutoencoderTiny
+tiny = AutoencoderTiny.from_pretrained("kiln/weights/flux-mini/vae").float().eval()
+dc = build()
+for name, v, get in [("tiny", tiny, lambda o: o.latents), ("dc", dc, lambda o: o.latent), ("dc-enc0", build(enc_layers=(0,1,1,1,1,1)), lambda o: o.latent)]:
+    with torch.no_grad():
+        for bs in (1, 8):
+            xs = x[:bs]; get(v.encode(xs))
+            t=time.time(); z=get(v.encode(xs)); te=(time.time()-t)/bs
+            t=time.time(); v.decode(z); td=(time.time()-t)/bs
+            print(name, bs, f"enc/img {te*1000:.0f}ms dec/img {td*1000:.0f}ms")
