@@ -35,7 +35,7 @@ class NoWorker:
         return True
 
     def still_starting(self, began: float) -> bool:
-        return False
+        return False  # workers start on other machines (RemoteWorkers too): a sync request waits its own wait_s
 
     def wake(self) -> None:
         pass  # workers on other machines poll Redis

@@ -65,9 +65,6 @@ class RemoteWorkers(NoWorker):
     def withdraw(self, ticket: RemoteTicket) -> bool:
         return self.channel.withdraw(ticket.sync_id)
 
-    def still_starting(self, began: float) -> bool:
-        return False  # workers start on other machines; a sync request waits only its own wait_s
-
     def stop(self, timeout: float = 0.0) -> None:
         self.channel.close()
 
