@@ -420,14 +420,21 @@ def test_stream_shows_a_held_job_step_by_step(client, engine):
     assert max(e.step for e in seen if isinstance(e, kc.Progress)) == 4
 
 
-def test_wait_times_out_even_while_events_keep_coming(server):
+@pytest.mark.parametrize("finished_first", [False, True], ids=["fresh", "finished"])
+def test_wait_times_out_even_while_events_keep_coming(server, finished_first):
     """The deadline is wall-clock: a stream whose events keep arriving (no read ever times out) still
-    ends wait() once the time is up, and the job goes on."""
+    ends wait() once the time is up, and the job goes on.
+
+    The clock reads 0 (deadline 1.5), 1 (the stream opens with 0.5 s to read), then 2 after the first
+    event: every stream starts with a non-terminal one (``position``, or ``started`` replayed by a job
+    that already finished), so the check between events must fire whether or not the job is done."""
     ticks = iter(range(1000))
     client = make_client(server, clock=lambda: float(next(ticks)))  # every look at the clock: 1 s later
     job = client.submit("a red circle", **MINI)
+    if finished_first:  # the stream is a replay: `started`, then `complete`
+        make_client(server).wait(job)
     with pytest.raises(TimeoutError):
-        client.wait(job, timeout=2.5)
+        client.wait(job, timeout=1.5)
     assert make_client(server).wait(job).status == "complete"
 
 
