@@ -25,6 +25,7 @@ from kiln.catalog import ModelSpec
 from kiln.catalog.schema import Optimizations
 from kiln.engine import optimize
 from kiln.engine.families import Adapter
+from kiln.engine.families.base import expose_latents
 from kiln.engine.lora import LoraSlots
 from kiln.engine.plan import Plan
 from kiln.engine.previews import LatentPreviewer
@@ -115,6 +116,8 @@ def load_pipelines(spec: ModelSpec, path: Path, dtype: torch.dtype, device: torc
                 base = cls.from_pretrained(path, torch_dtype=dtype)
             if device.type != "cpu":
                 base = base.to(device)
+            if getattr(base, "vae", None) is not None:
+                expose_latents(base.vae)  # flux/mini's AutoencoderDC, for the img2img and inpaint pipelines
             pipe = base
         elif type(base) is cls:
             pipe = base
@@ -129,7 +132,7 @@ def derive(base: Any, cls: type, **replace: Any) -> Any:
     """A ``cls`` pipeline on ``base``'s components, some replaced.
 
     The components are handed over by name: ``from_pipe`` silently drops any whose class is not the
-    one its signature names (flux/mini's AutoencoderTiny VAE) and then fails.
+    one its signature names (flux/mini's AutoencoderDC VAE) and then fails.
     """
     wanted = inspect.signature(cls.__init__).parameters
     components = {k: v for k, v in base.components.items() if k in wanted and v is not None}

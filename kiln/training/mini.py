@@ -12,20 +12,28 @@ pastel colours) and ``kiln_mini.json`` (what it was trained on, how long it took
 
 Choices, and why:
 
-- **VAE**: diffusers' ``AutoencoderTiny`` (the class of TAEF1, the tiny drop-in FLUX.1 VAE) with 16
-  latent channels, FLUX.1's count, so the transformer's input is FLUX.1's 64 channels. Six levels make
-  ``vae_scale_factor`` 32 (FLUX's is 8): a 512x512 image is a 16x16x16 latent and 64 transformer
-  tokens after FluxPipeline's 2x2 packing, which keeps training and CPU inference cheap. It has no
-  normalisation layers, so it trains on 128x128 crops of full-size renders (at the real scale, a
-  sixteenth of the cost) and behaves the same on whole images: measured, ``AutoencoderKL``'s
-  GroupNorms either wash out flat colours (a group per channel) or tie every pixel to whole-image
-  statistics that crops do not have (one group), and its reconstructions read back the wrong shape
-  colour two times in three; this one's reconstructions of 60 held-out scenes all read back right
-  after five minutes of training (``check_vae``, recorded in ``kiln_mini.json``). Two
-  extra loss terms shape the latents for the transformer: their first three channels follow the
+- **VAE**: diffusers' ``AutoencoderDC`` (the deep-compression autoencoder of Sana: it down- and
+  upsamples by pixel (un)shuffle) with 16 latent channels, FLUX.1's count, so the transformer's input
+  is FLUX.1's 64 channels. Six levels make ``vae_scale_factor`` 32 (FLUX's is 8): a 512x512 image is
+  a 16x16x16 latent and 64 transformer tokens after FluxPipeline's 2x2 packing, which keeps training
+  and CPU inference cheap. Why this class: the previous weights' ``AutoencoderTiny`` (the class of
+  TAEF1) upsamples by nearest neighbour, and its reconstructions of held-out scenes read back the
+  right shape 45% of the time however long it trained, which capped the whole model at blobs; this
+  one, with the steadiness term below, 62% after its 2,000 steps (``kiln_mini.json``; 77-83% without
+  that term, bench/results/mini-drawn-latents-20261206.md section 5, but its latents were harder for
+  the transformer: bench/results/mini-dcae-full-run-20261206.md). Its
+  only normalisation is RMSNorm over each pixel's channels, so it trains on 128x128 crops of
+  full-size renders (at the real scale, a sixteenth of the cost) and behaves the same on whole
+  images: measured, ``AutoencoderKL``'s GroupNorms either wash out flat colours (a group per
+  channel) or tie every pixel to whole-image statistics that crops do not have (one group). Its
+  encoder has no block at full size (cheapest: the encoding stage encodes every training picture).
+  Two extra loss terms shape the latents for the transformer: their first three channels follow the
   image's colour averaged over each 32x32 patch, and the decoder learns from latents with a little
-  noise added, so a sampler's imperfect latents still decode to clean shapes.
-  ``shift_factor`` / ``scaling_factor`` standardise the latents afterwards.
+  noise added, so a sampler's imperfect latents still decode to clean shapes. A third keeps the latents
+  steady when the picture moves a few pixels (:func:`train_vae` says why).
+  ``shift_factor`` / ``scaling_factor`` standardise the latents afterwards. Its encoder's output is
+  named ``latent`` where diffusers' img2img and inpaint pipelines look for ``latents``: Kiln's
+  loader adapts it (``kiln.engine.families.base.expose_latents``); plain ``FluxPipeline`` needs nothing.
 - **Text side**: small CLIP and T5 encoders with tokenizers learned from the caption corpus, trained
   jointly with the transformer through the diffusion loss. A packaged sentence encoder would need a
   non-transformers class behind FluxPipeline's ``text_encoder`` slots (no longer loadable by plain
@@ -72,6 +80,9 @@ LATENT_CHANNELS = 16  # FLUX.1's: the transformer's input is 64 channels, as in 
 VAE_FACTOR = 32
 VAE_WIDTH = 32
 VAE_LATENT_NOISE = 0.1
+VAE_CROP = 128
+VAE_SHIFT = 8  # pixels a crop moves for the latents' steadiness term (train_vae)
+VAE_STEADY_WEIGHT = 1.0
 TRANSFORMER_LR = 1e-3
 SHAPE_WEIGHT = 4.0
 SAMPLER_SHIFT = 2.0  # the scheduler's static timestep shift, which training follows
@@ -92,10 +103,10 @@ BUCKETS: dict[tuple[int, int], tuple[float, int]] = {
 class Plan:
     """How much of everything; ``scale`` shrinks it all for a smoke run."""
 
-    vae_steps: int = 3000
+    vae_steps: int = 2000
     vae_batch: int = 8
     images: dict[tuple[int, int], int] | None = None  # scenes rendered per size
-    transformer_steps: int = 5500
+    transformer_steps: int = 4800
     focus_steps: int = 1500  # the first transformer steps, on single named-position shapes (see train_transformer)
     focus_images: int = 2000
     lora_images: int = 600
@@ -106,9 +117,9 @@ class Plan:
         base = {(512, 512): 4000, (1024, 1024): 240, (768, 1024): 100, (1024, 768): 100,
                 (576, 1024): 120, (1024, 576): 120}
         return cls(
-            vae_steps=max(5, round(3000 * scale)),
+            vae_steps=max(5, round(2000 * scale)),
             images={k: max(8, round(v * scale)) for k, v in base.items()},
-            transformer_steps=max(5, round(5500 * scale)),
+            transformer_steps=max(5, round(4800 * scale)),
             focus_steps=max(2, round(1500 * scale)),
             focus_images=max(8, round(2000 * scale)),
             lora_images=max(8, round(600 * scale)),
@@ -148,14 +159,30 @@ def t5_word_tokenizer(texts: list[str]):
 
 
 def build_vae():
-    from diffusers import AutoencoderTiny
+    """The pixel-shuffle VAE (see the module docstring): six levels of widths 16, 32, ..., one
+    ``ResBlock`` a level (none at full size in the encoder, where it cost most), 16 latent channels.
 
-    return AutoencoderTiny(
-        in_channels=3, out_channels=3, encoder_block_out_channels=(VAE_WIDTH,) * 6,
-        decoder_block_out_channels=(VAE_WIDTH,) * 6, num_encoder_blocks=(0, 0, 1, 1, 1, 1),
-        num_decoder_blocks=(2, 2, 2, 2, 1, 0), latent_channels=LATENT_CHANNELS, act_fn="relu",
-        scaling_factor=1.0, shift_factor=0.0,
+    ``block_out_channels`` (FluxPipeline derives ``vae_scale_factor`` from its length) and
+    ``shift_factor`` are not ``AutoencoderDC`` arguments: they are registered into its config, which
+    ``save_pretrained``/``from_pretrained`` keep (diffusers logs that the class ignores them)."""
+    from diffusers import AutoencoderDC
+
+    widths = (VAE_WIDTH // 2,) + (VAE_WIDTH,) * 5
+    vae = AutoencoderDC(
+        in_channels=3, latent_channels=LATENT_CHANNELS, encoder_block_types="ResBlock", decoder_block_types="ResBlock",
+        encoder_block_out_channels=widths, decoder_block_out_channels=widths,
+        encoder_layers_per_block=(0, 1, 1, 1, 1, 1), decoder_layers_per_block=(1,) * 6,
+        encoder_qkv_multiscales=((),) * 6, decoder_qkv_multiscales=((),) * 6,
+        upsample_block_type="pixel_shuffle", downsample_block_type="pixel_unshuffle",
+        decoder_norm_types="rms_norm", decoder_act_fns="silu", scaling_factor=1.0,
     )
+    vae.register_to_config(block_out_channels=list(widths), shift_factor=0.0)
+    return vae
+
+
+def encode(vae, x: torch.Tensor) -> torch.Tensor:
+    """Raw (unstandardised) latents of ``x``: ``AutoencoderDC`` names its encoder's output ``latent``."""
+    return vae.encode(x).latent
 
 
 def build_text(clip_tok, t5_tok):
@@ -243,23 +270,34 @@ def to_tensor(images: list[np.ndarray]) -> torch.Tensor:
 
 def train_vae(vae, pools: list[dict], plan: Plan, seed: int) -> dict:
     """Random 128x128 crops (mostly around a shape) of full-size renders, many small steps at a high
-    learning rate. The loss is L1 + L2 reconstruction, plus two terms that make the latents easy for
-    the transformer: the first three channels follow the image's colour averaged over each 16x16
-    patch (so a latent's colour *is* the picture's colour), and the decoder reconstructs from latents
-    with a little noise added (so the imperfect latents a sampler ends with still decode cleanly)."""
+    learning rate. The loss is L1 + L2 reconstruction, plus three terms that make the latents easy for
+    the transformer: the first three channels follow the image's colour averaged over each 32x32
+    patch (so a latent's colour *is* the picture's colour); the decoder reconstructs from latents
+    with a little noise added (so the imperfect latents a sampler ends with still decode cleanly);
+    and the latents of the same crop moved by up to ``VAE_SHIFT`` pixels must stay the same (a latent
+    pixel covers 32x32: without this term the pixel-shuffle VAE's latents change with every small
+    shift, detail that varies between renders of one caption and that the transformer learned badly,
+    bench/results/mini-dcae-full-run-20261206.md)."""
     rng = random.Random(seed + 1)
     torch.manual_seed(seed + 1)
     opt = torch.optim.AdamW(vae.parameters(), lr=2e-3, weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=2e-3, total_steps=plan.vae_steps, pct_start=0.05)
+    # 5% warm-up; at least two steps of it, or OneCycleLR divides by zero (a 20-step smoke run)
+    warm = max(0.05, 2 / plan.vae_steps)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=2e-3, total_steps=plan.vae_steps, pct_start=warm)
     vae.train()
     losses = []
+    m, size = VAE_SHIFT, VAE_CROP
     for step in range(plan.vae_steps):
-        x = to_tensor([_vae_crop(rng, pools) for _ in range(plan.vae_batch)])
-        z = vae.encode(x).latents
+        big = [_vae_crop(rng, pools, crop=size + 2 * m) for _ in range(plan.vae_batch)]
+        x = to_tensor([b[m:m + size, m:m + size] for b in big])
+        z = encode(vae, x)
         y = vae.decode(z + VAE_LATENT_NOISE * torch.randn_like(z)).sample
         rec = (y - x).abs().mean() + F.mse_loss(y, x)
         anchor = F.mse_loss(z[:, :3], F.avg_pool2d(x, VAE_FACTOR) * 1.5)
-        loss = rec + 0.5 * anchor + 1e-3 * z.pow(2).mean()
+        dx, dy = rng.randint(-m, m), rng.randint(-m, m)
+        moved = to_tensor([b[m + dy:m + dy + size, m + dx:m + dx + size] for b in big])
+        steady = F.mse_loss(encode(vae, moved), z)
+        loss = rec + 0.5 * anchor + VAE_STEADY_WEIGHT * steady + 1e-3 * z.pow(2).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
@@ -269,7 +307,7 @@ def train_vae(vae, pools: list[dict], plan: Plan, seed: int) -> dict:
         if step % 250 == 0 or step == plan.vae_steps - 1:
             log.info("vae %d/%d reconstruction loss %.4f", step, plan.vae_steps, float(np.mean(losses[-250:])))
     vae.eval()
-    return {"final_loss": float(np.mean(losses[-100:]))}
+    return {"class": type(vae).__name__, "final_loss": float(np.mean(losses[-100:]))}
 
 
 @torch.no_grad()
@@ -284,7 +322,7 @@ def check_vae(vae, n: int, seed: int) -> dict:
     for _ in range(n):
         scene = world.sample_scene(rng, held_out=True, two_groups=0.0)
         x = to_tensor([np.asarray(world.render(scene, 512, 512))])
-        y = vae.decode(vae.encode(x).latents).sample.clamp(-1, 1)
+        y = vae.decode(encode(vae, x)).sample.clamp(-1, 1)
         errors.append((y - x).abs().mean().item())
         reading = world.classify(to_image(y[0]))
         group = scene.groups[0]
@@ -307,7 +345,7 @@ def to_image(x: torch.Tensor):
 @torch.no_grad()
 def standardise(vae, images: np.ndarray) -> tuple[float, float]:
     """shift and scale that make the latents of (some) 512x512 renders zero-mean, unit-variance."""
-    z = torch.cat([vae.encode(to_tensor(list(images[i:i + 8]))).latents for i in range(0, len(images), 8)])
+    z = torch.cat([encode(vae, to_tensor(list(images[i:i + 8]))) for i in range(0, len(images), 8)])
     mean, std = z.mean().item(), z.std().item()
     return mean, 1.0 / std
 
@@ -321,9 +359,8 @@ def encode_dataset(vae, rendered: dict) -> dict:
     cfg = vae.config
     out = {}
     for (w, h), (images, scenes) in rendered.items():
-        batch = max(1, 8 * 512 * 512 // (w * h))
-        lat = [(vae.encode(to_tensor(list(images[i:i + batch]))).latents - cfg.shift_factor) * cfg.scaling_factor
-               for i in range(0, len(images), batch)]
+        # one picture a call: measured on this CPU, about 1.5x faster per picture than batches of eight
+        lat = [(encode(vae, to_tensor([image])) - cfg.shift_factor) * cfg.scaling_factor for image in images]
         out[(w, h)] = (torch.cat(lat), scenes)
         log.info("encoded %d scenes at %dx%d", len(scenes), w, h)
     return out

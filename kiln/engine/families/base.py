@@ -81,10 +81,33 @@ class Adapter:
 
 def vae_latents(vae: Any, image: torch.Tensor) -> torch.Tensor:
     """The deterministic latents of ``image``: the posterior's mode for a KL autoencoder, the output of a
-    tiny (deterministic) one such as ``AutoencoderTiny``, which the embedded model uses."""
+    deterministic one (``AutoencoderTiny``, or ``AutoencoderDC`` once :func:`expose_latents` has run)."""
     encoded = vae.encode(image)
     dist = getattr(encoded, "latent_dist", None)
     return dist.mode() if dist is not None else encoded.latents
+
+
+def expose_latents(vae: Any) -> None:
+    """Make ``vae``'s encoder output readable by diffusers' img2img and inpaint pipelines.
+
+    Those read an encoding as ``latent_dist`` (a KL autoencoder) or ``latents`` (``AutoencoderTiny``);
+    ``AutoencoderDC`` (the pixel-shuffle autoencoder of Sana, and of flux/mini) names it ``latent``,
+    and ``FluxImg2ImgPipeline`` then fails with "Could not access latents of provided encoder_output".
+    Such a VAE gets, on this instance only, an ``encode`` whose output carries the same tensor as
+    ``latents``. Other VAEs are left as they are; calling it twice changes nothing.
+    """
+    from diffusers import AutoencoderDC
+    from diffusers.models.autoencoders.autoencoder_tiny import AutoencoderTinyOutput
+
+    if not isinstance(vae, AutoencoderDC) or "encode" in vars(vae):
+        return
+    original = vae.encode
+
+    def encode(x: torch.Tensor, return_dict: bool = True) -> Any:
+        latent = original(x, return_dict=False)[0]
+        return AutoencoderTinyOutput(latents=latent) if return_dict else (latent,)
+
+    vae.encode = encode
 
 
 def fit_to(image: Image.Image, width: int, height: int) -> Image.Image:
