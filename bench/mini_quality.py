@@ -107,7 +107,8 @@ def rates(rows: list[dict], key: str = "ok") -> dict[str, float]:
     return out
 
 
-def speed(engine, runs: int) -> dict:
+def speed(engine, runs: int, steps: int | None = None, guidance: float | None = None) -> dict:
+    """Median time per picture at 512 and 1024, with the run's steps and guidance (None: the model's)."""
     from kiln.engine import GenerationRequest
 
     out = {}
@@ -115,7 +116,8 @@ def speed(engine, runs: int) -> dict:
         times = []
         for i in range(runs + 1):
             req = GenerationRequest.create(family=MODEL[0], model=MODEL[1], task="t2i", format=fmt,
-                                           prompt="a yellow star at the center on a blue background", seed=i)
+                                           prompt="a yellow star at the center on a blue background", seed=i,
+                                           steps=steps, guidance=guidance)
             t = time.perf_counter()
             engine.generate(req)
             if i:  # the first is a warm-up
@@ -160,7 +162,7 @@ def render_md(res: dict) -> str:
     ]
     for kind, r in res["by_kind"].items():
         lines.append(f"| {kind} | {r['n']} | {r['background']:.1%} | {r['colour']:.1%} | {r['count']:.1%} |")
-    lines += ["", "Speed (`Engine.generate`, in process, default steps, median of the runs after a warm-up):", "",
+    lines += ["", f"Speed (`Engine.generate`, in process, {res['steps']} steps, guidance {res['guidance']}, median of the runs after a warm-up):", "",
               "| format | median ms | min | max |", "|---|---:|---:|---:|"]
     for fmt, s in res["speed"].items():
         lines.append(f"| {fmt} | {s['median_ms']} | {s['min_ms']} | {s['max_ms']} |")
@@ -215,7 +217,7 @@ def main(argv: list[str] | None = None) -> int:
         "seed": args.seed,
         "rates": {"held_out": rates(held), "control": rates(control), "checker_on_truth": rates(held, "checker_on_truth")},
         "by_kind": by_kind, "misreadings": miss.most_common(8), "quality_s": round(quality_s, 1),
-        "speed": speed(engine, args.speed_runs), "held_out_rows": held, "control_rows": control,
+        "speed": speed(engine, args.speed_runs, args.steps, args.guidance), "held_out_rows": held, "control_rows": control,
     }
     hr = res["rates"]["held_out"]
     res["targets_met"] = hr["background"] >= TARGETS["background"] and hr["colour"] >= TARGETS["colour"]
