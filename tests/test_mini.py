@@ -87,12 +87,13 @@ def test_its_vae_encodes_for_the_img2img_and_inpaint_pipelines():
     with torch.no_grad():
         raw = vae.encode(x).latent
         assert not hasattr(vae.encode(x), "latents")
+        assert torch.equal(vae_latents(vae, x), raw) and torch.equal(mini.encode(vae, x), raw)  # either name
         expose_latents(vae)
         patched = vae.encode
         expose_latents(vae)  # twice: still one layer
         assert vae.encode is patched
         assert torch.equal(vae.encode(x).latents, raw) and torch.equal(vae.encode(x, return_dict=False)[0], raw)
-        assert torch.equal(vae_latents(vae, x), raw)
+        assert torch.equal(vae_latents(vae, x), raw) and torch.equal(mini.encode(vae, x), raw)
     tiny = AutoencoderTiny(latent_channels=4)
     expose_latents(tiny)
     assert "encode" not in vars(tiny)  # other VAEs are left alone

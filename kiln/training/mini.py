@@ -181,8 +181,11 @@ def build_vae():
 
 
 def encode(vae, x: torch.Tensor) -> torch.Tensor:
-    """Raw (unstandardised) latents of ``x``: ``AutoencoderDC`` names its encoder's output ``latent``."""
-    return vae.encode(x).latent
+    """Raw (unstandardised) latents of ``x``, whichever name the VAE gives its encoder's output (the
+    engine's reading, so a VAE that Kiln's loader adapted reads the same)."""
+    from kiln.engine.families.base import vae_latents
+
+    return vae_latents(vae, x)
 
 
 def build_text(clip_tok, t5_tok):

@@ -81,10 +81,13 @@ class Adapter:
 
 def vae_latents(vae: Any, image: torch.Tensor) -> torch.Tensor:
     """The deterministic latents of ``image``: the posterior's mode for a KL autoencoder, the output of a
-    deterministic one (``AutoencoderTiny``, or ``AutoencoderDC`` once :func:`expose_latents` has run)."""
+    deterministic one (``AutoencoderTiny``'s ``latents``; ``AutoencoderDC``'s ``latent``, or ``latents``
+    once :func:`expose_latents` has run)."""
     encoded = vae.encode(image)
     dist = getattr(encoded, "latent_dist", None)
-    return dist.mode() if dist is not None else encoded.latents
+    if dist is not None:
+        return dist.mode()
+    return encoded.latents if hasattr(encoded, "latents") else encoded.latent
 
 
 def expose_latents(vae: Any) -> None:
