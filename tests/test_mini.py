@@ -212,3 +212,21 @@ def test_the_training_script_runs_end_to_end(tmp_path):
     again = mini.train(tmp_path / "out2", tmp_path / "work", seed=1, scale=0.003, from_stage=2)
     assert again["vae"]["final_loss"] == report["vae"]["final_loss"] and again["vae"]["reused"]
     assert again["timings"]["vae_s"] == report["timings"]["vae_s"]
+
+
+def test_the_shape_bench_reads_true_renders_right_and_a_model_as_the_pipeline_draws():
+    """``bench/mini_shapes.py``: its checker must read the true renders of its prompts 120 of 120, or
+    its numbers mean nothing; and it draws a model's pictures through FluxPipeline, seeded."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "bench" / "mini_shapes.py"
+    spec = importlib.util.spec_from_file_location("kiln_bench_mini_shapes", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    truth = bench.run(None, "true renders", None)
+    assert truth["all"] == 1.0 and len(truth["reads"]) == 120
+    pipe = bench.load(WEIGHTS)
+    shape, size, position, seed, prompt = next(bench.prompts())
+    image = bench.draw(pipe, prompt, seed)
+    assert image.size == (512, 512)
+    assert np.array_equal(np.asarray(image), np.asarray(bench.draw(pipe, prompt, seed)))  # seeded
