@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import io
 import json
+import random
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +18,7 @@ import kiln
 from kiln.catalog import load_catalog
 from kiln.engine import Engine, GenerationRequest
 from kiln.training import world
+from kiln.training.world import SHAPES
 
 pytestmark = pytest.mark.slow
 
@@ -111,6 +113,37 @@ def test_the_loss_weighs_shapes_above_the_background():
     assert torch.allclose(weight[1], torch.tensor(1.0))
 
 
+def test_shape_channels_hold_each_shapes_share_of_every_patch():
+    from kiln.training import mini
+
+    labels = np.zeros((64, 96), dtype=np.uint8)
+    labels[:32, :32] = 1 + SHAPES.index("square")  # one whole patch
+    labels[32:, 32:48] = 1 + SHAPES.index("star")  # half a patch
+    target = mini.shape_target([labels])
+    assert target.shape == (1, len(SHAPES), 2, 3)
+    square, star = SHAPES.index("square"), SHAPES.index("star")
+    assert target[0, square, 0, 0] == mini.SHAPE_ANCHOR and target[0, star, 1, 1] == mini.SHAPE_ANCHOR / 2
+    assert target.sum() == mini.SHAPE_ANCHOR * 1.5  # nothing anywhere else
+    z = torch.randn(1, 16, 2, 3)
+    replaced = mini.with_shapes(z, target)
+    assert torch.equal(replaced[:, mini.SHAPE_CHANNELS], target)
+    keep = [c for c in range(16) if not mini.SHAPE_CHANNELS.start <= c < mini.SHAPE_CHANNELS.stop]
+    assert torch.equal(replaced[:, keep], z[:, keep])
+
+
+def test_vae_crops_come_with_the_same_crop_of_their_shape_labels():
+    from kiln.training import mini
+
+    rng = random.Random(2)
+    pool = mini.render_dataset({(256, 256): 6}, seed=1)
+    for _ in range(10):
+        crop, labels = mini._vae_crop(rng, [pool], crop=64)
+        assert crop.shape == (64, 64, 3) and labels.shape == (64, 64)
+        drawn = labels > 0  # where a shape is, the picture is not the crop's background colour there
+        if drawn.any() and not drawn.all():
+            assert np.abs(crop[drawn].astype(int).mean(0) - crop[~drawn].astype(int).mean(0)).sum() > 30
+
+
 def test_guidance_is_true_cfg_against_the_empty_caption(catalog):
     from types import SimpleNamespace
 
@@ -129,6 +162,92 @@ def test_guidance_is_true_cfg_against_the_empty_caption(catalog):
     assert kwargs["negative_prompt"] == "a blue square"
     kwargs = FluxAdapter().call_kwargs(plan(1.0), pipe=None)  # 1.0 turns the second pass off
     assert "true_cfg_scale" not in kwargs and "negative_prompt" not in kwargs
+
+
+def test_the_learning_rate_runs_a_cosine_out_per_phase():
+    from kiln.training import mini
+
+    lr = [mini.learning_rate(step, 3000, 5400) for step in range(5400)]
+    assert lr[0] < 0.02 and max(lr[:3000]) == pytest.approx(1.0, abs=0.01)
+    assert lr[2999] < 1e-5 and lr[3000] < 0.01  # the focus phase ends at zero; the mixture warms up again
+    assert max(lr[3000:]) == pytest.approx(mini.MIXTURE_LR, abs=0.01) and lr[-1] < 1e-5
+    assert all(a >= b for a, b in zip(lr[100:3000], lr[101:3000], strict=False))  # decays once warm
+    # no focus steps: one warm-up and one cosine over the whole run, from the full rate
+    alone = [mini.learning_rate(step, 0, 1000) for step in range(1000)]
+    assert max(alone) == pytest.approx(1.0, abs=0.03) and alone[-1] < 1e-4
+
+
+def test_the_transformer_trains_focus_then_mixture_then_a_polish_of_both(monkeypatch):
+    """The three phases of train_transformer, read from the batches it asks for and the learning rates
+    it steps with: focus (canonical captions), mixture (varied), then focus with a share of mixture
+    batches from a fresh warm-up at POLISH_LR."""
+    from kiln.training import mini
+
+    drawn, steps = [], []
+    focus = {(64, 64): (torch.randn(4, 16, 2, 2), [None] * 4)}
+    data = {(64, 64): (torch.randn(4, 16, 2, 2), [None] * 4)}
+
+    def batch(d, rng, dropout, weights=None, *, canonical=False):
+        drawn.append(("focus" if d is focus else "mixture", canonical))
+        return d[(64, 64)][0][:2], ["a red circle"] * 2
+
+    def loss(transformer, cond, latents, captions, gen):  # cheap, and still moves every weight
+        return sum((p ** 2).sum() for p in transformer.parameters()) * 1e-6
+
+    real_step = torch.optim.AdamW.step
+
+    def step(self, *args, **kwargs):  # which optimiser steps, at what rate
+        steps.append((self, self.param_groups[0]["lr"]))
+        return real_step(self, *args, **kwargs)
+
+    monkeypatch.setattr(mini, "_batch", batch)
+    monkeypatch.setattr(mini, "flow_loss", loss)
+    monkeypatch.setattr(mini, "POLISH_MIXTURE", 0.5)
+    monkeypatch.setattr(torch.optim.AdamW, "step", step)
+    clip_tok, t5_tok = mini.tokenizers(0)
+    clip, t5 = mini.build_text(clip_tok, t5_tok)
+    cond = mini.Conditioner(clip_tok, t5_tok, clip, t5)
+    plan = mini.Plan(transformer_steps=6, focus_steps=2, polish_steps=40)
+    report = mini.train_transformer(mini.build_transformer(), cond, data, plan, seed=0, focus=focus)
+    assert drawn[:2] == [("focus", True)] * 2 and drawn[2:6] == [("mixture", False)] * 4
+    polish = drawn[6:]
+    assert len(polish) == 40 and set(polish) == {("focus", True), ("mixture", False)}
+    assert 0.2 < polish.count(("mixture", False)) / 40 < 0.8
+    assert all(o is steps[0][0] for o, _ in steps[:6]) and steps[6][0] is not steps[0][0]  # the polish: a fresh optimiser
+    polish_lr = [lr for _, lr in steps[6:]]
+    assert polish_lr[0] < polish_lr[4]  # warms up again
+    assert max(polish_lr) == pytest.approx(mini.POLISH_LR * mini.TRANSFORMER_LR, rel=0.05)
+    assert set(report) == {"final_loss", "polish_final_loss"}
+    # no polish without focus data: the mixture alone, one phase
+    drawn.clear()
+    mini.train_transformer(mini.build_transformer(), cond, data, plan, seed=0)
+    assert drawn == [("mixture", False)] * 6
+
+
+def test_focus_scenes_are_exact_so_a_canonical_caption_names_one_picture():
+    """The transformer's first steps train on these: one shape, untilted, exactly at its named place."""
+    import random
+
+    from kiln.training import mini
+
+    rng = random.Random(3)
+    scenes = [mini._focus_scene(rng) for _ in range(200)]
+    for scene in scenes:
+        (group,) = scene.groups
+        assert group.count == 1 and group.position is not None and scene.rotation == 0.0
+        assert group.centres == (world.POSITIONS[group.position],)
+        assert not world.is_held_out(scene)
+    assert {s.groups[0].shape for s in scenes} == set(world.SHAPES)
+    assert {s.groups[0].size for s in scenes} == set(world.SIZES)
+    assert {s.groups[0].position for s in scenes} == set(world.POSITIONS)
+    # a canonical caption names one scene: every pair that shares a caption is the same scene
+    by_prompt: dict[str, world.Scene] = {}
+    repeats = 0
+    for scene in scenes + [mini._focus_scene(rng) for _ in range(1800)]:
+        first = by_prompt.setdefault(world.prompt(scene), scene)
+        repeats += first is not scene
+        assert first == scene
+    assert repeats > 50
 
 
 def test_it_follows_prompts_it_never_saw(mini_engine):
@@ -207,7 +326,8 @@ def test_the_training_script_runs_end_to_end(tmp_path):
     assert image.size == (128, 128)
     assert (tmp_path / "out" / "lora" / "pastel" / "pastel.safetensors").is_file()
     assert report["parameters"]["total"] == sum(report["parameters"][k] for k in ("transformer", "vae", "clip", "t5"))
-    assert set(report["vae_check"]) >= {"background", "colour", "count", "shape"}
+    assert set(report["vae_check"]) >= {"background", "colour", "count", "shape", "shape_given"}
+    assert report["plan"]["polish_steps"] >= 2 and np.isfinite(report["transformer"]["polish_final_loss"])
     # resumed after the VAE stage: the VAE comes from --work, and so does its record
     again = mini.train(tmp_path / "out2", tmp_path / "work", seed=1, scale=0.003, from_stage=2)
     assert again["vae"]["final_loss"] == report["vae"]["final_loss"] and again["vae"]["reused"]

@@ -438,3 +438,14 @@ def test_clusters_of_three_at_corners(position):
             scene = Scene("green", (Group(shape, "white", "small", 3, position, g.centres),), rotation=0.2)
             for width, height in [(256, 256), (1024, 576)]:
                 assert read(world.render(scene, width, height)) == ("green", "white", 3), (shape, g)
+
+
+@pytest.mark.parametrize("width,height", [(512, 512), (1024, 576)])
+def test_shape_labels_mark_where_each_shape_is_drawn(width, height):
+    for scene in sampled(8, 12, two_groups=0.5):
+        labels = world.shape_labels(scene, width, height)
+        assert labels.shape == (height, width) and labels.dtype == np.uint8
+        assert set(np.unique(labels)) == {0} | {1 + SHAPES.index(g.shape) for g in scene.groups}
+        drawn = world.nearest_colours(np.asarray(world.render(scene, width, height))) != NAMES.index(scene.background)
+        agree = (drawn == (labels > 0)).mean()
+        assert agree > 0.995, agree  # only the smoothed edges differ

@@ -27,10 +27,13 @@ Choices, and why:
   images: measured, ``AutoencoderKL``'s GroupNorms either wash out flat colours (a group per
   channel) or tie every pixel to whole-image statistics that crops do not have (one group). Its
   encoder has no block at full size (cheapest: the encoding stage encodes every training picture).
-  Two extra loss terms shape the latents for the transformer: their first three channels follow the
-  image's colour averaged over each 32x32 patch, and the decoder learns from latents with a little
-  noise added, so a sampler's imperfect latents still decode to clean shapes. A third keeps the latents
-  steady when the picture moves a few pixels (:func:`train_vae` says why).
+  Extra loss terms shape the latents for the transformer: their first three channels follow the
+  image's colour averaged over each 32x32 patch; the next four say which shape covers the patch (one
+  channel a shape, its share of the patch: the transformer then learns "square" as it learns "red",
+  as a value a few tokens take, and the decoder draws the outline; :func:`train_vae` says what it
+  fixed); the decoder learns from latents with a little noise added, so a sampler's imperfect
+  latents still decode to clean shapes; and the latents stay steady when the picture moves a few
+  pixels.
   ``shift_factor`` / ``scaling_factor`` standardise the latents afterwards. Its encoder's output is
   named ``latent`` where diffusers' img2img and inpaint pipelines look for ``latents``: Kiln's
   loader adapts it (``kiln.engine.families.base.expose_latents``); plain ``FluxPipeline`` needs nothing.
@@ -41,10 +44,12 @@ Choices, and why:
   joint encoders keep the checkpoint a standard FLUX.1 one and learn exactly the binding of colours,
   shapes, counts and positions the world needs.
 - **Transformer**: ``FluxTransformer2DModel`` (2 double + 4 single blocks, width 128 as two heads of
-  64, no guidance embedding, like schnell), rectified flow (target = noise - data). Its first 1500
-  steps see only single shapes at named positions, captioned in the canonical form: trained on the
-  mixture from the start, it never learned where a prompt puts things (:func:`train_transformer`
-  says what was measured). Timesteps from a logit-normal
+  64, no guidance embedding, like schnell), rectified flow (target = noise - data). It trains in
+  three phases: 3000 steps on single shapes exactly at named positions, captioned in the canonical
+  form (trained on the mixture from the start, it never learned where a prompt puts things), 1800 on
+  the mixture of scenes and caption templates at half the rate, and 800 more of the first kind with
+  a quarter of mixture batches, which bring back the shapes the mixture wears down
+  (:func:`train_transformer` says what was measured). Timesteps from a logit-normal
   mixed with uniform and shifted toward noise as the sampler's schedule is, 10% empty captions (which the model learns as "anything": the catalog uses it
   for true classifier-free guidance), and an EMA of the weights. The loss weighs each latent pixel
   by how far it is from the image's background (up to 5x): shapes are a few pixels of a mostly flat
@@ -58,6 +63,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import json
 import logging
 import math
@@ -83,7 +89,13 @@ VAE_LATENT_NOISE = 0.1
 VAE_CROP = 128
 VAE_SHIFT = 8  # pixels a crop moves for the latents' steadiness term (train_vae)
 VAE_STEADY_WEIGHT = 1.0
+SHAPE_CHANNELS = slice(3, 3 + len(world.SHAPES))  # latent channels that say which shape covers a patch
+SHAPE_ANCHOR = 2.0  # their value where a shape covers the whole 32x32 patch
+VAE_TEACHER = 0.75  # share of VAE steps that decode the true shape channels rather than the encoder's
 TRANSFORMER_LR = 1e-3
+MIXTURE_LR = 0.5  # the mixture steps' peak learning rate, a fraction of TRANSFORMER_LR (learning_rate)
+POLISH_LR = 0.3  # the last phase's peak learning rate, a fraction of TRANSFORMER_LR (train_transformer)
+POLISH_MIXTURE = 0.25  # the share of the last phase's batches drawn from the mixture
 SHAPE_WEIGHT = 4.0
 SAMPLER_SHIFT = 2.0  # the scheduler's static timestep shift, which training follows
 
@@ -106,8 +118,9 @@ class Plan:
     vae_steps: int = 2000
     vae_batch: int = 8
     images: dict[tuple[int, int], int] | None = None  # scenes rendered per size
-    transformer_steps: int = 4800
-    focus_steps: int = 1500  # the first transformer steps, on single named-position shapes (see train_transformer)
+    transformer_steps: int = 4800  # focus steps, then mixture steps
+    focus_steps: int = 3000  # the first transformer steps, on single named-position shapes (see train_transformer)
+    polish_steps: int = 800  # after them: focus steps with a quarter of mixture batches
     focus_images: int = 2000
     lora_images: int = 600
     lora_steps: int = 400
@@ -120,7 +133,8 @@ class Plan:
             vae_steps=max(5, round(2000 * scale)),
             images={k: max(8, round(v * scale)) for k, v in base.items()},
             transformer_steps=max(5, round(4800 * scale)),
-            focus_steps=max(2, round(1500 * scale)),
+            focus_steps=max(2, round(3000 * scale)),
+            polish_steps=max(2, round(800 * scale)),
             focus_images=max(8, round(2000 * scale)),
             lora_images=max(8, round(600 * scale)),
             lora_steps=max(5, round(400 * scale)),
@@ -244,13 +258,20 @@ def render_dataset(sizes: dict[tuple[int, int], int], seed: int, *, pastel: bool
 
 
 def _focus_scene(rng: random.Random) -> world.Scene:
+    """One shape exactly at its named position, untilted: a canonical caption then names one picture
+    (in the world a shape tilts and moves a little, and a caption names many). Measured in focus-stage
+    probes of 3000 steps: shapes read right 44.2% with exact scenes, 36.7% with the world's
+    (bench/results/mini-shape-channels-20261206.md, sections 5-6)."""
     while True:
         scene = world.sample_scene(rng, two_groups=0.0)
-        if scene.groups[0].count == 1 and scene.groups[0].position is not None:
-            return scene
+        g = scene.groups[0]
+        if g.count == 1 and g.position is not None:
+            return dataclasses.replace(scene, rotation=0.0,
+                                       groups=(dataclasses.replace(g, centres=(world.POSITIONS[g.position],)),))
 
 
-def _vae_crop(rng: random.Random, pools: list[dict], crop: int = 128) -> np.ndarray:
+def _vae_crop(rng: random.Random, pools: list[dict], crop: int = 128) -> tuple[np.ndarray, np.ndarray]:
+    """A crop of a rendered scene and the same crop of its :func:`world.shape_labels`."""
     pool = pools[0] if len(pools) == 1 or rng.random() < 0.9 else rng.choice(pools[1:])
     sizes = list(pool)
     w, h = rng.choices(sizes, weights=[BUCKETS.get(s, (1.0, 0))[0] for s in sizes])[0]
@@ -264,18 +285,36 @@ def _vae_crop(rng: random.Random, pools: list[dict], crop: int = 128) -> np.ndar
     else:
         x, y = rng.randrange(w - crop + 1), rng.randrange(h - crop + 1)
     x, y = min(max(0, x), w - crop), min(max(0, y), h - crop)
-    return img[y:y + crop, x:x + crop]
+    return img[y:y + crop, x:x + crop], world.shape_labels(scene, w, h)[y:y + crop, x:x + crop]
 
 
 def to_tensor(images: list[np.ndarray]) -> torch.Tensor:
     return torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float() / 127.5 - 1.0
 
 
+def shape_target(labels: list[np.ndarray]) -> torch.Tensor:
+    """(B, len(SHAPES), h, w): for each shape, the share of each 32x32 patch it covers, times
+    ``SHAPE_ANCHOR``: what the latents' shape channels hold (:func:`train_vae` says why)."""
+    lab = torch.from_numpy(np.stack(labels)).long()
+    onehot = F.one_hot(lab, len(world.SHAPES) + 1)[..., 1:].permute(0, 3, 1, 2).float()
+    return F.avg_pool2d(onehot, VAE_FACTOR) * SHAPE_ANCHOR
+
+
+def with_shapes(z: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """``z`` with its shape channels replaced by ``target``."""
+    return torch.cat([z[:, :SHAPE_CHANNELS.start], target, z[:, SHAPE_CHANNELS.stop:]], 1)
+
+
 def train_vae(vae, pools: list[dict], plan: Plan, seed: int) -> dict:
     """Random 128x128 crops (mostly around a shape) of full-size renders, many small steps at a high
-    learning rate. The loss is L1 + L2 reconstruction, plus three terms that make the latents easy for
+    learning rate. The loss is L1 + L2 reconstruction, plus terms that make the latents easy for
     the transformer: the first three channels follow the image's colour averaged over each 32x32
-    patch (so a latent's colour *is* the picture's colour); the decoder reconstructs from latents
+    patch (so a latent's colour *is* the picture's colour); the next four (:data:`SHAPE_CHANNELS`)
+    follow :func:`shape_target`, which shape covers how much of the patch, and the decoder mostly
+    (:data:`VAE_TEACHER`) decodes from the true shape channels, so it learns to draw the outline they
+    name (without them a circle and a square at one place differed 5-10x less in the latents than a
+    circle and a triangle, and the transformer drew one blob for both:
+    bench/results/mini-shape-collapse-20261206.md); the decoder reconstructs from latents
     with a little noise added (so the imperfect latents a sampler ends with still decode cleanly);
     and the latents of the same crop moved by up to ``VAE_SHIFT`` pixels must stay the same (a latent
     pixel covers 32x32: without this term the pixel-shuffle VAE's latents change with every small
@@ -292,13 +331,15 @@ def train_vae(vae, pools: list[dict], plan: Plan, seed: int) -> dict:
     m, size = VAE_SHIFT, VAE_CROP
     for step in range(plan.vae_steps):
         big = [_vae_crop(rng, pools, crop=size + 2 * m) for _ in range(plan.vae_batch)]
-        x = to_tensor([b[m:m + size, m:m + size] for b in big])
+        x = to_tensor([b[m:m + size, m:m + size] for b, _ in big])
+        shapes = shape_target([lab[m:m + size, m:m + size] for _, lab in big])
         z = encode(vae, x)
-        y = vae.decode(z + VAE_LATENT_NOISE * torch.randn_like(z)).sample
+        zd = with_shapes(z, shapes) if rng.random() < VAE_TEACHER else z
+        y = vae.decode(zd + VAE_LATENT_NOISE * torch.randn_like(z)).sample
         rec = (y - x).abs().mean() + F.mse_loss(y, x)
-        anchor = F.mse_loss(z[:, :3], F.avg_pool2d(x, VAE_FACTOR) * 1.5)
+        anchor = F.mse_loss(z[:, :3], F.avg_pool2d(x, VAE_FACTOR) * 1.5) + F.mse_loss(z[:, SHAPE_CHANNELS], shapes)
         dx, dy = rng.randint(-m, m), rng.randint(-m, m)
-        moved = to_tensor([b[m + dy:m + dy + size, m + dx:m + dx + size] for b in big])
+        moved = to_tensor([b[m + dy:m + dy + size, m + dx:m + dx + size] for b, _ in big])
         steady = F.mse_loss(encode(vae, moved), z)
         loss = rec + 0.5 * anchor + VAE_STEADY_WEIGHT * steady + 1e-3 * z.pow(2).mean()
         opt.zero_grad(set_to_none=True)
@@ -320,12 +361,13 @@ def check_vae(vae, n: int, seed: int) -> dict:
     committed one reads back the right shape about four times in ten, the ceiling behind the model's
     blobs: bench/results/mini-defined-latents-20261206.md)."""
     rng = random.Random(seed + 7)
-    right = {"background": 0, "colour": 0, "count": 0, "shape": 0}
+    right = {"background": 0, "colour": 0, "count": 0, "shape": 0, "shape_given": 0}
     errors = []
     for _ in range(n):
         scene = world.sample_scene(rng, held_out=True, two_groups=0.0)
         x = to_tensor([np.asarray(world.render(scene, 512, 512))])
-        y = vae.decode(encode(vae, x)).sample.clamp(-1, 1)
+        z = encode(vae, x)
+        y = vae.decode(z).sample.clamp(-1, 1)
         errors.append((y - x).abs().mean().item())
         reading = world.classify(to_image(y[0]))
         group = scene.groups[0]
@@ -333,6 +375,9 @@ def check_vae(vae, n: int, seed: int) -> dict:
         right["colour"] += reading.colour == group.colour
         right["count"] += reading.count == group.count
         right["shape"] += reading.shape == group.shape
+        # decoded from the true shape channels, as the transformer learns them
+        given = vae.decode(with_shapes(z, shape_target([world.shape_labels(scene, 512, 512)]))).sample.clamp(-1, 1)
+        right["shape_given"] += world.classify(to_image(given[0])).shape == group.shape
     report = {k: round(v / n, 3) for k, v in right.items()}
     report["l1"] = round(float(np.mean(errors)), 4)
     log.info("vae check on %d held-out scenes: %s", n, report)
@@ -346,9 +391,16 @@ def to_image(x: torch.Tensor):
 
 
 @torch.no_grad()
-def standardise(vae, images: np.ndarray) -> tuple[float, float]:
+def scene_latents(vae, image: np.ndarray, scene: world.Scene) -> torch.Tensor:
+    """Raw latents of one render, its shape channels exactly the scene's (:func:`shape_target`)."""
+    h, w = image.shape[:2]
+    return with_shapes(encode(vae, to_tensor([image])), shape_target([world.shape_labels(scene, w, h)]))
+
+
+@torch.no_grad()
+def standardise(vae, images: np.ndarray, scenes: list) -> tuple[float, float]:
     """shift and scale that make the latents of (some) 512x512 renders zero-mean, unit-variance."""
-    z = torch.cat([encode(vae, to_tensor(list(images[i:i + 8]))) for i in range(0, len(images), 8)])
+    z = torch.cat([scene_latents(vae, image, scene) for image, scene in zip(images, scenes, strict=True)])
     mean, std = z.mean().item(), z.std().item()
     return mean, 1.0 / std
 
@@ -361,11 +413,16 @@ def encode_dataset(vae, rendered: dict) -> dict:
     """Per size: standardised latents (N, C, h, w) and their scenes."""
     cfg = vae.config
     out = {}
-    for (w, h), (images, scenes) in rendered.items():
-        # one picture a call: measured on this CPU, about 1.5x faster per picture than batches of eight
-        lat = [(encode(vae, to_tensor([image])) - cfg.shift_factor) * cfg.scaling_factor for image in images]
-        out[(w, h)] = (torch.cat(lat), scenes)
-        log.info("encoded %d scenes at %dx%d", len(scenes), w, h)
+    vae.to(memory_format=torch.channels_last)  # measured on this CPU: the encoder about 10% faster
+    try:
+        for (w, h), (images, scenes) in rendered.items():
+            # one picture a call: measured on this CPU, about 1.5x faster per picture than batches of eight
+            lat = [(scene_latents(vae, image, scene) - cfg.shift_factor) * cfg.scaling_factor
+                   for image, scene in zip(images, scenes, strict=True)]
+            out[(w, h)] = (torch.cat(lat).contiguous(), scenes)
+            log.info("encoded %d scenes at %dx%d", len(scenes), w, h)
+    finally:
+        vae.to(memory_format=torch.contiguous_format)
     return out
 
 
@@ -459,10 +516,29 @@ def _batch(data: dict, rng: random.Random, dropout: float, weights=None, *, cano
     return latents[idx], captions
 
 
+def learning_rate(step: int, focus_steps: int, total: int) -> float:
+    """The transformer's learning rate, a fraction of ``TRANSFORMER_LR``: a warm-up and a cosine to zero
+    over the focus steps (a 3000-step focus probe that ran its cosine out drew recognisable large
+    shapes; bench/results/mini-shape-channels-20261206.md), then a second warm-up and cosine, from
+    ``MIXTURE_LR`` of it, over the mixture steps, gentle enough to keep what the focus steps learned."""
+    def phase(i: int, n: int, peak: float) -> float:
+        warmup = min(100, n // 10 + 1)
+        return peak * min(1.0, (i + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(1.0, i / max(1, n))))
+
+    if focus_steps <= 0:  # no focus phase: one warm-up and cosine, from the full rate
+        return phase(step, total, 1.0)
+    if step < focus_steps:
+        return phase(step, focus_steps, 1.0)
+    return phase(step - focus_steps, total - focus_steps, MIXTURE_LR)
+
+
 def train_transformer(transformer, cond: Conditioner, data: dict, plan: Plan, seed: int,
                       focus: dict | None = None) -> dict:
-    """Train the transformer and both text encoders together: the first ``plan.focus_steps`` on
-    ``focus`` (one shape at a named position, captions in the canonical form), then on the mixture.
+    """Train the transformer and both text encoders together, in three phases: the first
+    ``plan.focus_steps`` on ``focus`` (one shape at a named position, captions in the canonical form),
+    then the rest of ``plan.transformer_steps`` on the mixture, then ``plan.polish_steps`` of focus
+    batches again with a share (``POLISH_MIXTURE``) from the mixture, from the EMA weights with a
+    fresh optimiser at ``POLISH_LR``.
 
     Why the focus steps: on the mixture alone the model learned colours and never where to put things
     (the previous weights, 7000 steps: a shape's place was the noise's, and the T5 states of "top" and
@@ -471,23 +547,53 @@ def train_transformer(transformer, cond: Conditioner, data: dict, plan: Plan, se
     short runs at 512 (a shape named at five places x four seeds, centroid within 0.2 of the place):
     1500 steps of canonical captions on single named-position shapes put it there 20 times in 20, and
     1500 more on the mixture kept 20 in 20; 1500 steps of the varied templates on the same scenes,
-    or 2000 on the mixture alone, 4 in 20 (chance)."""
+    or 2000 on the mixture alone, 4 in 20 (chance).
+
+    Why the last phase: 3000 focus steps drew the shapes right 44% of the time (bench/mini_shapes.py),
+    and the mixture steps after them, at any rate tried, wore that down to 30%; 800 more steps of
+    focus alone brought them back to 40% but held-out shape colours fell to 75%, and with a quarter of
+    mixture batches they came back to 37.5% with colours kept at 96.7%
+    (bench/results/mini-focus-length-20261206.md)."""
     rng = random.Random(seed + 3)
     gen = torch.Generator().manual_seed(seed + 3)
+    focus_steps = plan.focus_steps if focus is not None else 0
+
+    def batch(step: int):
+        focused = step < focus_steps
+        return _batch(focus if focused else data, rng, dropout=0.1, canonical=focused)
+
+    report = {"final_loss": _train_steps(transformer, cond, plan.transformer_steps, batch, gen,
+                                         lambda step: learning_rate(step, focus_steps, plan.transformer_steps),
+                                         "transformer")}
+    if focus is None or plan.polish_steps <= 0:
+        return report
+
+    def polish_batch(step: int):
+        if rng.random() < POLISH_MIXTURE:
+            return _batch(data, rng, dropout=0.1)
+        return _batch(focus, rng, dropout=0.1, canonical=True)
+
+    report["polish_final_loss"] = _train_steps(
+        transformer, cond, plan.polish_steps, polish_batch, gen,
+        lambda step: POLISH_LR * learning_rate(step, 0, plan.polish_steps), "polish")
+    return report
+
+
+def _train_steps(transformer, cond: Conditioner, steps: int, batch, gen: torch.Generator, lr, name: str) -> float:
+    """``steps`` optimiser steps on the transformer and both text encoders, ``batch(step)`` giving
+    (latents, captions) and ``lr(step)`` the learning rate as a fraction of ``TRANSFORMER_LR``; ends
+    with the weights set to their EMA. Returns the mean loss of the last 200 steps."""
     modules = [transformer, cond.clip, cond.t5]
     trainable = [p for m in modules for p in m.parameters()]
     opt = torch.optim.AdamW(trainable, lr=TRANSFORMER_LR, weight_decay=0.01, betas=(0.9, 0.99))
-    warmup = min(100, plan.transformer_steps // 10 + 1)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: min(1.0, (step + 1) / warmup) * 0.5 * (
-        1 + math.cos(math.pi * min(1.0, step / plan.transformer_steps))))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr)
     ema = Ema(modules, 0.998)
     for m in modules:
         m.train()
     losses = []
     started = time.perf_counter()
-    for step in range(plan.transformer_steps):
-        focused = focus is not None and step < plan.focus_steps
-        latents, captions = _batch(focus if focused else data, rng, dropout=0.1, canonical=focused)
+    for step in range(steps):
+        latents, captions = batch(step)
         loss = flow_loss(transformer, cond, latents, captions, gen)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -496,13 +602,13 @@ def train_transformer(transformer, cond: Conditioner, data: dict, plan: Plan, se
         sched.step()
         ema.update(step)
         losses.append(loss.item())
-        if step % 100 == 0 or step == plan.transformer_steps - 1:
-            log.info("transformer %d/%d loss %.4f (%.0f s)", step, plan.transformer_steps,
-                     float(np.mean(losses[-100:])), time.perf_counter() - started)
+        if step % 100 == 0 or step == steps - 1:
+            log.info("%s %d/%d loss %.4f (%.0f s)", name, step, steps, float(np.mean(losses[-100:])),
+                     time.perf_counter() - started)
     ema.copy_to()
     for m in modules:
         m.eval()
-    return {"final_loss": float(np.mean(losses[-200:]))}
+    return float(np.mean(losses[-200:]))
 
 
 def train_lora(transformer, cond: Conditioner, data: dict, plan: Plan, seed: int, rank: int = 8) -> tuple[dict, dict]:
@@ -575,7 +681,7 @@ def train(out: Path, work: Path, *, seed: int = 0, scale: float = 1.0, from_stag
             timings["vae_s"] = saved["vae_s"]
     t = time.perf_counter()
     report["vae_check"] = check_vae(vae, 60 if scale >= 0.5 else 4, seed)
-    shift, scaling = standardise(vae, rendered[(512, 512)][0][:96])
+    shift, scaling = standardise(vae, rendered[(512, 512)][0][:96], rendered[(512, 512)][1][:96])
     vae.register_to_config(shift_factor=shift, scaling_factor=scaling)
     timings["vae_check_s"] = time.perf_counter() - t
     vae.eval()
@@ -614,6 +720,7 @@ def train(out: Path, work: Path, *, seed: int = 0, scale: float = 1.0, from_stag
     report["timings"] = {k: round(v, 1) for k, v in timings.items()}
     report["plan"] = {"vae_steps": plan.vae_steps,
                       "transformer_steps": plan.transformer_steps, "focus_steps": plan.focus_steps,
+                      "polish_steps": plan.polish_steps,
                       "focus_images": plan.focus_images,
                       "images": {f"{w}x{h}": n for (w, h), n in plan.images.items()},
                       "lora_images": plan.lora_images, "lora_steps": plan.lora_steps}

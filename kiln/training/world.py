@@ -239,6 +239,20 @@ def render(scene: Scene, width: int, height: int, *, supersample: int = 2, paste
     return img.resize((width, height), Image.BILINEAR) if s > 1 else img
 
 
+def shape_labels(scene: Scene, width: int, height: int) -> np.ndarray:
+    """(height, width) uint8: 0 on the background, ``1 + SHAPES.index(shape)`` where a shape covers the
+    pixel (the same geometry as :func:`render`, without the smoothing). What the embedded model's VAE
+    writes into its shape channels (``kiln.training.mini.shape_target``)."""
+    img = Image.new("L", (width, height), 0)
+    draw = ImageDraw.Draw(img)
+    side = min(width, height)
+    for g in scene.groups:
+        r = SIZES[g.size] * side / 2
+        for cx, cy in g.centres:
+            _shape(draw, g.shape, cx * width, cy * height, r, scene.rotation, 1 + SHAPES.index(g.shape))
+    return np.asarray(img)
+
+
 def _shape(draw: ImageDraw.ImageDraw, shape: str, x: float, y: float, r: float, rot: float, rgb) -> None:
     if shape == "circle":
         draw.ellipse([x - r, y - r, x + r, y + r], fill=rgb)
