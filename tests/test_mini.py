@@ -6,6 +6,7 @@ restores the base output; the training script runs end to end."""
 from __future__ import annotations
 
 import io
+import itertools
 import json
 import random
 from pathlib import Path
@@ -171,7 +172,7 @@ def test_the_learning_rate_runs_a_cosine_out_per_phase():
     assert lr[0] < 0.02 and max(lr[:3000]) == pytest.approx(1.0, abs=0.01)
     assert lr[2999] < 1e-5 and lr[3000] < 0.01  # the focus phase ends at zero; the mixture warms up again
     assert max(lr[3000:]) == pytest.approx(mini.MIXTURE_LR, abs=0.01) and lr[-1] < 1e-5
-    assert all(a >= b for a, b in zip(lr[100:3000], lr[101:3000], strict=False))  # decays once warm
+    assert all(a >= b for a, b in itertools.pairwise(lr[100:3000]))  # decays once warm
     # no focus steps: one warm-up and one cosine over the whole run, from the full rate
     alone = [mini.learning_rate(step, 0, 1000) for step in range(1000)]
     assert max(alone) == pytest.approx(1.0, abs=0.03) and alone[-1] < 1e-4
@@ -346,7 +347,7 @@ def test_the_shape_bench_reads_true_renders_right_and_a_model_as_the_pipeline_dr
     truth = bench.run(None, "true renders", None)
     assert truth["all"] == 1.0 and len(truth["reads"]) == 120
     pipe = bench.load(WEIGHTS)
-    shape, size, position, seed, prompt = next(bench.prompts())
+    *_, seed, prompt = next(bench.prompts())
     image = bench.draw(pipe, prompt, seed)
     assert image.size == (512, 512)
     assert np.array_equal(np.asarray(image), np.asarray(bench.draw(pipe, prompt, seed)))  # seeded

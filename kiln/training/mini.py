@@ -19,10 +19,10 @@ Choices, and why:
   and CPU inference cheap. Why this class: the previous weights' ``AutoencoderTiny`` (the class of
   TAEF1) upsamples by nearest neighbour, and its reconstructions of held-out scenes read back the
   right shape 45% of the time however long it trained, which capped the whole model at blobs; this
-  one, with the steadiness term below, 62% after its 2,000 steps (``kiln_mini.json``; 77-83% without
-  that term, bench/results/mini-drawn-latents-20261206.md section 5, but its latents were harder for
-  the transformer: bench/results/mini-dcae-full-run-20261206.md). Its
-  only normalisation is RMSNorm over each pixel's channels, so it trains on 128x128 crops of
+  one, with the steadiness term and the shape channels below, 58% after its 2,000 steps
+  (``kiln_mini.json``; 62% without the shape channels; 77-83% without the steadiness term,
+  bench/results/mini-drawn-latents-20261206.md section 5, but its latents were harder for the
+  transformer: bench/results/mini-dcae-full-run-20261206.md). Its only normalisation is RMSNorm over each pixel's channels, so it trains on 128x128 crops of
   full-size renders (at the real scale, a sixteenth of the cost) and behaves the same on whole
   images: measured, ``AutoencoderKL``'s GroupNorms either wash out flat colours (a group per
   channel) or tie every pixel to whole-image statistics that crops do not have (one group). Its
