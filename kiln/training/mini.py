@@ -413,16 +413,13 @@ def encode_dataset(vae, rendered: dict) -> dict:
     """Per size: standardised latents (N, C, h, w) and their scenes."""
     cfg = vae.config
     out = {}
-    vae.to(memory_format=torch.channels_last)  # measured on this CPU: the encoder about 10% faster
-    try:
-        for (w, h), (images, scenes) in rendered.items():
-            # one picture a call: measured on this CPU, about 1.5x faster per picture than batches of eight
-            lat = [(scene_latents(vae, image, scene) - cfg.shift_factor) * cfg.scaling_factor
-                   for image, scene in zip(images, scenes, strict=True)]
-            out[(w, h)] = (torch.cat(lat).contiguous(), scenes)
-            log.info("encoded %d scenes at %dx%d", len(scenes), w, h)
-    finally:
-        vae.to(memory_format=torch.contiguous_format)
+    for (w, h), (images, scenes) in rendered.items():
+        # one picture a call: measured on this CPU, about 1.5x faster per picture than batches of eight
+        # (channels-last weights: no faster, bench/results/mini-encode-channels-last-20261206.log)
+        lat = [(scene_latents(vae, image, scene) - cfg.shift_factor) * cfg.scaling_factor
+               for image, scene in zip(images, scenes, strict=True)]
+        out[(w, h)] = (torch.cat(lat), scenes)
+        log.info("encoded %d scenes at %dx%d", len(scenes), w, h)
     return out
 
 
